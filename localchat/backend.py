@@ -1,0 +1,104 @@
+"""The llama.cpp runtime around the engine: importing it, its log lines, its backend, cores."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+from localchat.errors import EngineError
+
+
+def physical_core_count() -> int:
+    """Physical cores this process may use: llama.cpp gains nothing from hyperthreads."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    try:
+        physical = core = ""
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((physical, core))
+    except OSError:
+        pass
+    if not cores and hasattr(os, "sysconf"):
+        return max(1, allowed)
+    return max(1, min(allowed, len(cores) or allowed))
+
+
+def import_llama_cpp() -> Any:
+    """Import llama_cpp, or say how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise EngineError(
+            f"llama-cpp-python is not installed or failed to load: {exc}",
+            "run ./scripts/setup (see README: Troubleshooting)",
+        ) from exc
+    return llama_cpp
+
+
+# Per-tensor and per-graph lines llama.cpp logs at info level: thousands of them per load.
+_NOISY_LOG_PREFIXES = (b"llama_graph_n_input_tensors", b"create_tensor:", b"load_tensors: layer",
+                       b"graph_reserve:", b"set_abort_callback", b".")
+_log_callback: Any = None  # kept alive: llama.cpp holds a raw pointer to it
+_show_llama_logs = False
+
+
+def route_llama_logs(llama_cpp: Any, verbose: bool) -> None:
+    """Send llama.cpp's log lines to stderr only under --verbose.
+
+    llama-cpp-python hides them by pointing the process's stdout/stderr file descriptors at
+    /dev/null while it loads, which also swallows anything else printed meanwhile; we install
+    our own log callback instead and disable that redirection.
+    """
+    global _log_callback, _show_llama_logs
+    import sys
+
+    _show_llama_logs = verbose
+    if _log_callback is None:
+
+        last_level = [0]
+
+        def forward(level: int, text: bytes, _user_data: Any) -> None:
+            # ggml levels: 1 info, 2 warn, 3 error, 4 debug, 5 continues the previous line
+            level = last_level[0] if level == 5 else level
+            last_level[0] = level
+            if _show_llama_logs and level != 4 and not text.startswith(_NOISY_LOG_PREFIXES):
+                sys.stderr.write(text.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+
+        _log_callback = llama_cpp.llama_log_callback(forward)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        import contextlib
+
+        from llama_cpp import _internals
+        from llama_cpp import llama as llama_module
+
+        for module in (_internals, llama_module):
+            if hasattr(module, "suppress_stdout_stderr"):
+                module.suppress_stdout_stderr = lambda disable=True: contextlib.nullcontext()
+
+
+def compiled_backend() -> str:
+    """The GPU backend llama.cpp was built with ("CUDA", "Metal", ...), or "CPU"."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.origin:
+        return "not installed"
+    names = " ".join(p.name.lower() for p in (Path(spec.origin).parent / "lib").glob("*"))
+    for marker, backend in (("cuda", "CUDA"), ("metal", "Metal"), ("vulkan", "Vulkan"),
+                            ("hip", "ROCm"), ("sycl", "SYCL")):
+        if f"ggml-{marker}" in names:
+            return backend
+    return "CPU"

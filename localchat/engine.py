@@ -1,0 +1,366 @@
+"""The local engine: a GGUF model run by llama-cpp-python, streaming text with honest timing.
+
+We drive llama.cpp's decode loop ourselves instead of using `Llama.create_completion`:
+sampling stays in llama.cpp's sampler chain, each new token is detokenized once (the library
+re-detokenizes the whole completion on every token), the KV cache of the shared prompt prefix
+is reused between turns, and we know exactly how many tokens were reused and processed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localchat import templates
+from localchat.backend import (
+    compiled_backend,
+    import_llama_cpp,
+    physical_core_count,
+    route_llama_logs,
+)
+from localchat.errors import ContextOverflowError, EngineError, UsageError
+
+DEFAULT_CONTEXT = 4096  # a sane cap: KV cache memory grows linearly with the window
+PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to load a model; every field maps to a `localchat run` flag."""
+
+    model_path: Path
+    n_ctx: int | None = None  # None: the model's trained length, capped at DEFAULT_CONTEXT
+    threads: int | None = None  # None: physical cores
+    gpu_layers: int | None = None  # None: all layers when a GPU backend is compiled in
+    cpu_only: bool = False
+    use_mmap: bool = True
+    use_mlock: bool = False
+    chat_format: str | None = None
+    verbose: bool = False
+    batch_size: int = 512
+
+    def validate(self) -> None:
+        """Refuse values llama.cpp would misbehave on, with a usage error."""
+        if self.n_ctx is not None and self.n_ctx < 16:
+            raise UsageError(f"--ctx must be at least 16 (got {self.n_ctx})")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
+        if self.gpu_layers is not None and self.gpu_layers < 0:
+            raise UsageError(f"--gpu-layers must be 0 or more (got {self.gpu_layers})")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; temperature 0 means greedy (deterministic)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Check ranges; a bad value is a usage error naming the flag."""
+        checks = [
+            (self.temperature >= 0, f"--temperature must be 0 or more (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
+            (self.top_k >= 0, f"--top-k must be 0 (off) or more (got {self.top_k})"),
+            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (got {self.min_p})"),
+            (self.repeat_penalty > 0,
+             f"--repeat-penalty must be above 0 (got {self.repeat_penalty})"),
+            (self.max_tokens is None or self.max_tokens > 0,
+             f"--max-tokens must be 1 or more (got {self.max_tokens})"),
+            (self.seed is None or 0 <= self.seed < 2**32 - 1,
+             f"--seed must be in [0, 4294967294] (got {self.seed})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one reply cost, counted by the engine (tokens) and the wall clock (seconds)."""
+
+    prompt_tokens: int  # all tokens of the formatted prompt
+    cached_tokens: int  # reused from the KV cache of the previous turn
+    completion_tokens: int
+    ttft_s: float  # from the call to the first generated token
+    prefill_s: float  # evaluating the new prompt tokens
+    decode_s: float  # from the first generated token to the last
+    finish_reason: str  # stop | length | interrupted
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens actually processed this turn."""
+        return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """Prompt processing speed, or None when too little was processed to time."""
+        if self.prefill_tokens <= 0 or self.prefill_s <= 0:
+            return None
+        return self.prefill_tokens / self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Generation speed over the tokens after the first, as llama.cpp reports it."""
+        if self.completion_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.completion_tokens - 1) / self.decode_s
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """How the model was loaded, for `--verbose`, `--json` and `/show`."""
+
+    model_path: Path
+    load_s: float
+    n_ctx: int
+    n_ctx_train: int
+    threads: int
+    gpu_layers: int
+    backend: str
+    chat_format: str
+    chat_format_source: str
+    use_mmap: bool
+
+
+@dataclass
+class _Cursor:
+    """Per-reply bookkeeping shared between the decode loop and its `finally`."""
+
+    started: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish_reason: str = "interrupted"
+    pending: list[str] = field(default_factory=list)
+
+
+class LocalEngine:
+    """A loaded model: format chats, count tokens, and stream replies."""
+
+    def __init__(self, options: EngineOptions, model_info: Any) -> None:
+        """Load the model; `model_info` is the validated header (modelfile.ModelInfo)."""
+        options.validate()
+        llama_cpp = import_llama_cpp()
+        route_llama_logs(llama_cpp, options.verbose)
+        self.options = options
+        n_ctx_train = model_info.context_length or DEFAULT_CONTEXT
+        n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
+        threads = options.threads or physical_core_count()
+        gpu = llama_cpp.llama_supports_gpu_offload() and not options.cpu_only
+        gpu_layers = 0 if not gpu else (-1 if options.gpu_layers is None else options.gpu_layers)
+        self.template = templates.choose_template(
+            model_info.chat_template, model_info.architecture,
+            model_info.special_tokens, options.chat_format,
+        )
+        started = time.perf_counter()
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(options.model_path), n_ctx=n_ctx, n_batch=options.batch_size,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                use_mmap=options.use_mmap, use_mlock=options.use_mlock, verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise EngineError(
+                f"llama.cpp could not load {options.model_path}: {exc}",
+                "run with --verbose to see llama.cpp's log; the file may be damaged or "
+                "need a newer llama.cpp",
+            ) from exc
+        load_s = time.perf_counter() - started
+        self._llama_cpp = llama_cpp
+        self._vocab = self._llama._model.vocab
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}
+        model = self._llama._model
+        self._bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
+        self._eos_text = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
+        self.info = LoadInfo(
+            # llama.cpp may round the window up, but llama-cpp-python sizes its token
+            # arrays by what we asked for, so that is the real limit.
+            model_path=options.model_path, load_s=load_s, n_ctx=min(n_ctx, self._llama.n_ctx()),
+            n_ctx_train=n_ctx_train, threads=threads,
+            gpu_layers=(model_info.block_count or 0) + 1 if gpu_layers == -1 else gpu_layers,
+            backend=compiled_backend() if gpu else "CPU", chat_format=self.template.name,
+            chat_format_source=self.template.source, use_mmap=options.use_mmap,
+        )
+        self.last_stats: GenerationStats | None = None
+
+    def format_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The chat template applied to `messages`, ending where the assistant's reply starts."""
+        return templates.render(self.template, messages, self._bos_text, self._eos_text)
+
+    def tokenize_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Tokens of the formatted prompt, with special tokens parsed and one BOS at most."""
+        text = self.format_prompt(messages)
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        """How many tokens `messages` take in the context window."""
+        return len(self.tokenize_messages(messages))
+
+    @property
+    def n_ctx(self) -> int:
+        """The context window size in tokens."""
+        return self.info.n_ctx
+
+    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+        """Yield the reply as text pieces; `last_stats` is set when the generator ends."""
+        sampling.validate()
+        cursor = _Cursor(started=time.perf_counter())
+        tokens = self.tokenize_messages(messages)
+        cursor.prompt_tokens = len(tokens)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens but the context window is {self.n_ctx}",
+                f"shorten the input or raise --ctx (this model was trained on "
+                f"{self.info.n_ctx_train})",
+            )
+        try:
+            yield from self._decode(tokens, sampling, cursor)
+        finally:
+            self.last_stats = self._stats(cursor)
+
+    def _decode(self, tokens: list[int], sampling: Sampling, cursor: _Cursor) -> Iterator[str]:
+        llama = self._llama
+        cursor.cached_tokens = self._reuse_prefix(tokens)
+        sampler = self._sampler(sampling)
+        stops = tuple(sampling.stop) + self.template.stops
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        held = ""  # text that might be the start of a stop string
+        leading = True
+        prefill_started = time.perf_counter()
+        llama.eval(tokens[cursor.cached_tokens:])
+        cursor.prefill_s = time.perf_counter() - prefill_started
+        limit = sampling.max_tokens or self.n_ctx
+        while True:
+            token = sampler.sample(llama._ctx, -1)
+            now = time.perf_counter()
+            cursor.first_token_at = cursor.first_token_at or now
+            if not sampling.ignore_eos and self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                cursor.finish_reason = "stop"
+                break
+            cursor.last_token_at = now  # the end-of-turn token is not part of the reply
+            cursor.completion_tokens += 1
+            text = held + decoder.decode(self._piece(token))
+            if leading:
+                text = text.lstrip(" ")
+                leading = not text
+            cut = _find_stop(text, stops)
+            if cut is not None:
+                if text[:cut]:
+                    yield text[:cut]
+                cursor.finish_reason = "stop"
+                break
+            keep = _stop_prefix_length(text, stops)
+            held = text[len(text) - keep:] if keep else ""
+            if text[: len(text) - keep]:
+                yield text[: len(text) - keep]
+            if cursor.completion_tokens >= limit or llama.n_tokens + 1 >= self.n_ctx:
+                cursor.finish_reason = "length"
+                break
+            llama.eval([token])
+        tail = held + decoder.decode(b"", final=True)
+        if tail and cursor.finish_reason != "stop":
+            yield tail
+
+    def _reuse_prefix(self, tokens: list[int]) -> int:
+        """Keep the KV cache of the longest shared prefix; return how many tokens it covers."""
+        llama = self._llama
+        cached = llama.input_ids[: llama.n_tokens].tolist()
+        shared = 0
+        for old, new in zip(cached, tokens, strict=False):
+            if old != new:
+                break
+            shared += 1
+        shared = min(shared, len(tokens) - 1)  # the last prompt token must be evaluated for logits
+        if shared > 0 and llama._ctx.kv_cache_seq_rm(-1, shared, -1):
+            llama.n_tokens = shared
+            return shared
+        llama.reset()
+        return 0
+
+    def _sampler(self, sampling: Sampling) -> Any:
+        from llama_cpp import _internals
+
+        sampler = _internals.LlamaSampler()
+        n_vocab = self._llama.n_vocab()
+        if sampling.ignore_eos:
+            eog = {t: float("-inf") for t in range(n_vocab)
+                   if self._llama_cpp.llama_vocab_is_eog(self._vocab, t)}
+            if eog:
+                sampler.add_logit_bias(n_vocab, eog)
+        if sampling.repeat_penalty != 1.0:
+            sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
+                                  penalty_repeat=sampling.repeat_penalty, penalty_freq=0.0,
+                                  penalty_present=0.0)
+        if sampling.temperature == 0:
+            sampler.add_greedy()
+            return sampler
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4)) >> 1
+        if sampling.top_k > 0:
+            sampler.add_top_k(sampling.top_k)
+        sampler.add_top_p(sampling.top_p, 1)
+        sampler.add_min_p(sampling.min_p, 1)
+        sampler.add_temp(sampling.temperature)
+        sampler.add_dist(seed)
+        return sampler
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = self._piece_buffer
+            n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0,
+                                                     False)
+            piece = bytes(buffer[: max(n, 0)])
+            self._pieces[token] = piece
+        return piece
+
+    @staticmethod
+    def _stats(cursor: _Cursor) -> GenerationStats:
+        first = cursor.first_token_at
+        return GenerationStats(
+            prompt_tokens=cursor.prompt_tokens,
+            cached_tokens=cursor.cached_tokens,
+            completion_tokens=cursor.completion_tokens,
+            ttft_s=(first - cursor.started) if first else 0.0,
+            prefill_s=cursor.prefill_s,
+            decode_s=(cursor.last_token_at - first) if first and cursor.last_token_at else 0.0,
+            finish_reason=cursor.finish_reason,
+        )
+
+    def close(self) -> None:
+        """Free the model and its context now rather than at garbage collection."""
+        self._llama.close()
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(positions) if positions else None
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could begin a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-size:]):
+                longest = size
+                break
+    return longest

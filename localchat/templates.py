@@ -1,0 +1,230 @@
+"""Chat templates: pick the right one for a model and render it in a Jinja sandbox.
+
+A GGUF file usually carries its own template (`tokenizer.chat_template`). It is code written
+by a stranger, so it runs in jinja2's immutable sandbox, as llama-cpp-python does. When a file
+has none, the template is chosen from the architecture and the special tokens in the vocabulary;
+when nothing matches we refuse rather than guess a wrong format.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from localchat.errors import EngineError, UsageError
+
+# Built-in templates for files without one. Each mirrors the format llama.cpp's own
+# `llama_chat_apply_template` uses for that family.
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}"
+        "{% set system = namespace(text='') %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\n\n' %}"
+        "{% else %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+        "{{ '<start_of_turn>' + role + '\n' + (system.text if role == 'user' else '')"
+        " + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% if role == 'user' %}{% set system.text = '' %}{% endif %}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}"
+        "{% set system = namespace(text='') %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\n\n' %}"
+        "{% elif message['role'] == 'user' %}"
+        "{{ '[INST] ' + system.text + message['content'] + ' [/INST]' }}"
+        "{% set system.text = '' %}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "llama2": (
+        "{{ bos_token }}"
+        "{% set system = namespace(text='') %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}"
+        "{% set system.text = '<<SYS>>\n' + message['content'] + '\n<</SYS>>\n\n' %}"
+        "{% elif message['role'] == 'user' %}"
+        "{{ '[INST] ' + system.text + message['content'] + ' [/INST]' }}"
+        "{% set system.text = '' %}"
+        "{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+# Text that ends a reply in each built-in format, for models whose end-of-turn token is not
+# marked as end-of-generation in the file.
+BUILTIN_STOPS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_end|>",),
+    "llama3": ("<|eot_id|>",),
+    "gemma": ("<end_of_turn>",),
+    "phi3": ("<|end|>",),
+    "mistral": (),
+    "llama2": (),
+}
+
+# `raw` sends the prompt text as it is: for base models and hand-written prompts.
+RAW = "raw"
+FORMAT_NAMES = (*BUILTIN_TEMPLATES, RAW)
+
+_ARCHITECTURE_FORMATS = {
+    "qwen2": "chatml",
+    "qwen2moe": "chatml",
+    "qwen3": "chatml",
+    "qwen3moe": "chatml",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "phi3": "phi3",
+}
+
+# Special tokens that identify a format whatever the architecture says ("llama" covers
+# Llama 2, Llama 3, Mistral, SmolLM and many fine-tunes, so it alone decides nothing).
+_TOKEN_FORMATS = (
+    ("<|start_header_id|>", "llama3"),
+    ("<|im_start|>", "chatml"),
+    ("<start_of_turn>", "gemma"),
+    ("<|end|>", "phi3"),
+    ("[INST]", "mistral"),
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A template ready to render: its name, where it came from, and its Jinja source."""
+
+    name: str
+    source: str  # "model file", "architecture <arch>", "vocabulary", "--chat-format"
+    text: str | None  # None for raw
+    stops: tuple[str, ...] = ()
+
+
+def choose_template(
+    file_template: str | None,
+    architecture: str | None,
+    special_tokens: frozenset[str],
+    override: str | None = None,
+) -> ChatTemplate:
+    """Pick the chat template: an explicit `--chat-format`, the file's own, or a known family."""
+    if override:
+        name = override.strip().lower()
+        if name not in FORMAT_NAMES:
+            raise UsageError(
+                f"unknown chat format '{override}'",
+                f"use one of: {', '.join(FORMAT_NAMES)}",
+            )
+        return _builtin(name, "--chat-format")
+    if file_template and file_template.strip():
+        return ChatTemplate("embedded", "model file", file_template)
+    arch = (architecture or "").lower()
+    if arch in _ARCHITECTURE_FORMATS:
+        return _builtin(_ARCHITECTURE_FORMATS[arch], f"architecture {arch}")
+    for token, name in _TOKEN_FORMATS:
+        if token in special_tokens:
+            return _builtin(name, f"vocabulary token {token}")
+    raise EngineError(
+        f"the model file has no chat template and its architecture ({arch or 'unknown'}) "
+        "does not tell which format it was trained on",
+        f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
+    )
+
+
+def _builtin(name: str, source: str) -> ChatTemplate:
+    if name == RAW:
+        return ChatTemplate(RAW, source, None)
+    return ChatTemplate(name, source, BUILTIN_TEMPLATES[name], BUILTIN_STOPS[name])
+
+
+def render(
+    template: ChatTemplate,
+    messages: Sequence[dict[str, str]],
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render messages to the prompt text the model expects; template faults become errors."""
+    if template.text is None:
+        return "\n\n".join(message["content"] for message in messages)
+    import jinja2
+
+    compiled = _compile(template.text)
+    try:
+        return compiled.render(
+            messages=list(messages),
+            bos_token=bos_token,
+            eos_token=eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except jinja2.exceptions.SecurityError as exc:
+        raise EngineError(
+            f"the model's chat template tried something unsafe and was stopped: {exc}",
+            "the file may be malicious; use --chat-format to pick a built-in template",
+        ) from exc
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise EngineError(
+            f"the chat template ({template.source}) failed: {exc}",
+            f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
+        ) from exc
+
+
+@lru_cache(maxsize=8)
+def _compile(text: str) -> Any:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined
+    )
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    environment.filters["tojson"] = _tojson
+    try:
+        return environment.from_string(text)
+    except jinja2.TemplateError as exc:
+        raise EngineError(
+            f"the model's chat template does not parse: {exc}",
+            f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
+        ) from exc
+
+
+def _raise_exception(message: str) -> None:
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, indent=indent)

@@ -1,0 +1,258 @@
+"""`localchat run` end to end, as a subprocess, with the real model: output, pipes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Greedy and short: a tiny model may ramble, and each test should take a few seconds.
+GREEDY = ["--temperature", "0", "--max-tokens", "48"]
+
+
+def localchat(*args: str, stdin: str | None = None, env: dict | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "localchat", *args],
+        input=stdin if stdin is not None else "", capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_same_prompt_twice_gives_the_same_text(smollm2_path):
+    first = localchat("run", str(smollm2_path), "Name three primary colours.", *GREEDY)
+    second = localchat("run", str(smollm2_path), "Name three primary colours.", *GREEDY)
+    assert first.stdout.strip()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert "red" in first.stdout.lower()
+    assert first.stdout.endswith("\n")
+
+
+def test_json_is_one_object_whose_counts_match(smollm2_path):
+    result = localchat("run", str(smollm2_path), "hi", "--json", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    for key in ("text", "finish_reason", "prompt_tokens", "completion_tokens", "load_s",
+                "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert key in record
+    assert record["finish_reason"] == "stop"
+    assert record["text"].strip()
+    assert record["completion_tokens"] >= len(record["text"].split())  # words >= 1 token each
+    assert record["prompt_tokens"] > 0 and record["load_s"] > 0 and record["ttft_s"] > 0
+
+
+def test_json_counts_every_generated_token(smollm2_path):
+    result = localchat("run", str(smollm2_path), "hi", "--json", "--ignore-eos",
+                       "--max-tokens", "40", "--temperature", "0")
+    record = json.loads(result.stdout)
+    assert record["completion_tokens"] == 40
+    assert record["finish_reason"] == "length"
+    assert record["decode_tokens_per_s"] > 0
+
+
+def test_piped_input_reaches_the_model_before_the_prompt(smollm2_path):
+    alone = json.loads(localchat("run", str(smollm2_path), "Translate to French:", "--json",
+                                 *GREEDY).stdout)
+    piped = json.loads(localchat("run", str(smollm2_path), "Translate to French:", "--json",
+                                 *GREEDY, stdin="The cat sat on the mat.\n").stdout)
+    assert piped["prompt_tokens"] > alone["prompt_tokens"]
+    assert "cat" in piped["text"].lower()  # the model talks about the piped sentence
+
+
+def test_stdin_alone_is_the_prompt(smollm2_path):
+    result = localchat("run", str(smollm2_path), *GREEDY, stdin="Name three primary colours.")
+    assert result.returncode == 0, result.stderr
+    assert "red" in result.stdout.lower()
+
+
+def test_pipe_output_has_no_escape_codes(smollm2_path):
+    result = localchat("run", str(smollm2_path), "Write a markdown list of two fruits.",
+                       "--verbose", *GREEDY)
+    assert result.returncode == 0
+    assert "\x1b" not in result.stdout and "\x1b" not in result.stderr
+
+
+def test_verbose_prints_honest_stats_on_stderr(smollm2_path):
+    result = localchat("run", str(smollm2_path), "hi", "--verbose", *GREEDY)
+    assert result.returncode == 0
+    stats = result.stderr.strip().splitlines()
+    summary = next(line for line in stats if line.startswith("load "))
+    for part in ("first token", "prefill", "decode", "tok/s", "finish stop"):
+        assert part in summary
+    assert "Hello" in result.stdout and "load " not in result.stdout
+
+
+def test_llama_logs_hidden_without_verbose(smollm2_path):
+    result = localchat("run", str(smollm2_path), "hi", *GREEDY)
+    assert result.stderr == ""
+
+
+def test_system_prompt_flag(smollm2_path):
+    plain = json.loads(localchat("run", str(smollm2_path), "hi", "--json", *GREEDY).stdout)
+    pirate = json.loads(localchat("run", str(smollm2_path), "hi", "--json", *GREEDY,
+                                  "--system", "You are a pirate. Always talk like a pirate, "
+                                  "with arr and matey in every sentence.").stdout)
+    assert pirate["prompt_tokens"] != plain["prompt_tokens"]
+    assert pirate["text"] != plain["text"]
+
+
+def test_config_file_sets_defaults_and_flags_override(smollm2_path, isolated_home):
+    config_dir = isolated_home / "config"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.toml").write_text("temperature = 0.0\nmax_tokens = 5\nctx = 512\n")
+    capped = json.loads(localchat("run", str(smollm2_path), "Tell me a story.", "--json",
+                                  "--ignore-eos").stdout)
+    assert capped["completion_tokens"] == 5 and capped["n_ctx"] == 512
+    overridden = json.loads(localchat("run", str(smollm2_path), "Tell me a story.", "--json",
+                                      "--ignore-eos", "--max-tokens", "9").stdout)
+    assert overridden["completion_tokens"] == 9
+
+
+def test_broken_config_names_file_and_line(smollm2_path, isolated_home):
+    config_dir = isolated_home / "config"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.toml").write_text("ctx = 512\ntemperature = = 0\n")
+    result = localchat("run", str(smollm2_path), "hi")
+    assert_one_line_error(result, 1, "config.toml", "line 2")
+
+
+def test_config_with_unknown_key_or_wrong_type(smollm2_path, isolated_home):
+    config_dir = isolated_home / "config"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.toml").write_text("ctx = 512\ntemprature = 0.5\n")
+    assert_one_line_error(localchat("run", str(smollm2_path), "hi"), 1, "line 2", "temprature")
+    (config_dir / "config.toml").write_text('threads = "many"\n')
+    assert_one_line_error(localchat("run", str(smollm2_path), "hi"), 1, "threads", "int")
+
+
+# --- bad input: each a one-line error, the right exit code, no traceback -----------------
+
+def test_missing_path(tmp_path):
+    result = localchat("run", str(tmp_path / "nope.gguf"), "hi")
+    assert_one_line_error(result, 1, "nope.gguf")
+
+
+def test_directory_instead_of_file(tmp_path):
+    folder = tmp_path / "models.gguf"
+    folder.mkdir()
+    assert_one_line_error(localchat("run", str(folder), "hi"), 1, "directory")
+
+
+def test_empty_file(tmp_path):
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert_one_line_error(localchat("run", str(empty), "hi"), 1, "empty")
+
+
+def test_text_file_renamed_gguf(tmp_path):
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("These are my notes, not a model.\n" * 20)
+    assert_one_line_error(localchat("run", str(fake), "hi"), 1, "not a GGUF file")
+
+
+def test_truncated_model(tmp_path, smollm2_path):
+    truncated = tmp_path / "truncated.gguf"
+    with smollm2_path.open("rb") as source:
+        truncated.write_bytes(source.read(1 << 20))
+    assert_one_line_error(localchat("run", str(truncated), "hi"), 1, "truncated")
+
+
+def test_prompt_longer_than_the_context(smollm2_path):
+    result = localchat("run", str(smollm2_path), "word " * 400, "--ctx", "128")
+    assert_one_line_error(result, 1, "context window is 128", "--ctx")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "-1", "--temperature"),
+    ("--top-p", "2", "--top-p"),
+    ("--ctx", "0", "--ctx"),
+    ("--threads", "0", "--threads"),
+    ("--ctx", "abc", "--ctx"),
+])
+def test_bad_flag_values_are_usage_errors(smollm2_path, flag, value, needle):
+    result = localchat("run", str(smollm2_path), "hi", flag, value)
+    assert_one_line_error(result, 2, needle)
+
+
+def test_unknown_chat_format(smollm2_path):
+    result = localchat("run", str(smollm2_path), "hi", "--chat-format", "klingon")
+    assert_one_line_error(result, 2, "klingon", "chatml")
+
+
+def test_empty_prompt_is_a_usage_error(smollm2_path):
+    assert_one_line_error(localchat("run", str(smollm2_path), "   ", stdin=""), 2, "empty")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = localchat("--debug", "run", str(tmp_path / "nope.gguf"), "hi")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+
+
+def test_ctrl_c_stops_generation_cleanly(smollm2_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localchat", "run", str(smollm2_path), "Tell me a story.",
+         "--ignore-eos", "--max-tokens", "4000", "--temperature", "0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    first = process.stdout.read(20)  # wait until text streams
+    assert first
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert "finish interrupted" in err  # the partial reply's stats say it was cut
+
+
+def test_broken_pipe_exits_quietly(smollm2_path):
+    pipeline = subprocess.run(
+        f'"{sys.executable}" -m localchat run "{smollm2_path}" "Tell me a story." '
+        f"--ignore-eos --max-tokens 400 --temperature 0 | head -c 5; "
+        "echo; echo status=${PIPESTATUS[0]}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )
+    assert pipeline.stdout.strip().endswith("status=0")
+    assert pipeline.stderr == ""
+
+
+def test_help_does_not_import_heavy_libraries():
+    probe = (
+        "import sys\n"
+        "from localchat.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('llama_cpp', 'huggingface_hub', 'numpy', 'gguf')\n"
+        "         if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60)
+    assert "HEAVY=\n" in result.stdout, result.stdout
+
+
+def test_version_names_the_backend():
+    result = localchat("--version")
+    assert result.returncode == 0
+    assert "localchat 0.1.0" in result.stdout
+    assert "llama-cpp-python 0.3.36" in result.stdout
+    assert "backend: CPU" in result.stdout
