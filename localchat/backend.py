@@ -102,3 +102,18 @@ def compiled_backend() -> str:
         if f"ggml-{marker}" in names:
             return backend
     return "CPU"
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give us now (MemAvailable on Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

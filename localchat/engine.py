@@ -345,6 +345,10 @@ class LocalEngine:
             finish_reason=cursor.finish_reason,
         )
 
+    def reset_cache(self) -> None:
+        """Forget the KV cache, so the next prompt is evaluated from its first token."""
+        self._llama.reset()
+
     def close(self) -> None:
         """Free the model and its context now rather than at garbage collection."""
         self._llama.close()

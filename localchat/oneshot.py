@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localchat.catalog import ModelDefaults
 from localchat.config import Config
 from localchat.engine import EngineOptions, LocalEngine, Sampling
 from localchat.errors import ExitStatus, UsageError
@@ -33,25 +34,24 @@ class Request:
     verbose: bool = False
 
 
-def _pick(flag: Any, configured: Any, default: Any) -> Any:
-    """A flag beats the config file, which beats the built-in default."""
-    if flag is not None:
-        return flag
-    return configured if configured is not None else default
+def _pick(*candidates: Any) -> Any:
+    """The first value that is set: flag, then config file, then catalog, then built-in."""
+    return next((value for value in candidates if value is not None), None)
 
 
-def sampling_from(config: Config, **flags: Any) -> Sampling:
-    """Sampling settings from flags over config over defaults, validated."""
-    defaults = Sampling()
+def sampling_from(config: Config, model: ModelDefaults, **flags: Any) -> Sampling:
+    """Sampling settings from flags over config over the model's catalog defaults, validated."""
+    builtin = Sampling()
     sampling = Sampling(
-        temperature=_pick(flags["temperature"], config.temperature, defaults.temperature),
-        top_p=_pick(flags["top_p"], config.top_p, defaults.top_p),
-        top_k=_pick(flags["top_k"], config.top_k, defaults.top_k),
-        min_p=_pick(flags["min_p"], config.min_p, defaults.min_p),
+        temperature=_pick(flags["temperature"], config.temperature, model.temperature,
+                          builtin.temperature),
+        top_p=_pick(flags["top_p"], config.top_p, model.top_p, builtin.top_p),
+        top_k=_pick(flags["top_k"], config.top_k, model.top_k, builtin.top_k),
+        min_p=_pick(flags["min_p"], config.min_p, model.min_p, builtin.min_p),
         repeat_penalty=_pick(flags["repeat_penalty"], config.repeat_penalty,
-                             defaults.repeat_penalty),
-        seed=_pick(flags["seed"], config.seed, None),
-        max_tokens=_pick(flags["max_tokens"], config.max_tokens, None),
+                             model.repeat_penalty, builtin.repeat_penalty),
+        seed=_pick(flags["seed"], config.seed),
+        max_tokens=_pick(flags["max_tokens"], config.max_tokens),
         stop=flags["stop"],
         ignore_eos=flags["ignore_eos"],
     )
@@ -59,17 +59,18 @@ def sampling_from(config: Config, **flags: Any) -> Sampling:
     return sampling
 
 
-def engine_options_from(config: Config, model_path: Path, **flags: Any) -> EngineOptions:
-    """Load options from flags over config over defaults, validated."""
+def engine_options_from(config: Config, model: ModelDefaults, model_path: Path,
+                        **flags: Any) -> EngineOptions:
+    """Load options from flags over config over the model's catalog defaults, validated."""
     options = EngineOptions(
         model_path=model_path,
-        n_ctx=_pick(flags["ctx"], config.ctx, None),
-        threads=_pick(flags["threads"], config.threads, None),
-        gpu_layers=_pick(flags["gpu_layers"], config.gpu_layers, None),
+        n_ctx=_pick(flags["ctx"], config.ctx, model.ctx),
+        threads=_pick(flags["threads"], config.threads),
+        gpu_layers=_pick(flags["gpu_layers"], config.gpu_layers),
         cpu_only=flags["cpu"],
         use_mmap=_pick(flags["mmap"], config.mmap, True),
         use_mlock=flags["mlock"],
-        chat_format=_pick(flags["chat_format"], config.chat_format, None),
+        chat_format=_pick(flags["chat_format"], config.chat_format),
         verbose=flags["verbose"],
     )
     options.validate()

@@ -9,7 +9,7 @@ APP_NAME = "localchat"
 
 
 def _home_override() -> Path | None:
-    """`LOCALCHAT_HOME` puts every localchat directory under one folder (tests, portable installs)."""
+    """`LOCALCHAT_HOME` puts every localchat directory under one folder (tests, portable use)."""
     value = os.environ.get("LOCALCHAT_HOME")
     return Path(value).expanduser() if value else None
 

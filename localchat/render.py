@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -142,3 +144,107 @@ def print_json(env: Environment, record: dict[str, Any]) -> None:
     """One JSON object on one line of stdout."""
     env.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     env.stdout.flush()
+
+
+def stderr_is_terminal(env: Environment) -> bool:
+    """True when a person watches stderr (progress bars, questions)."""
+    return _isatty(env.stderr)
+
+
+@contextmanager
+def download_progress(env: Environment, label: str) -> Iterator[tuple[Any, Any]]:
+    """(progress, status) callbacks for a pull: a rich bar on a terminal, quiet in a pipe."""
+
+    def status(note: str) -> None:
+        print_note(env, note)
+
+    if not stderr_is_terminal(env):
+        yield (lambda done, total: None), status
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(file=env.stderr, no_color=bool(os.environ.get("NO_COLOR")))
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        def live_status(note: str) -> None:
+            bar.console.print(note, style="dim", highlight=False)
+
+        yield progress, live_status
+
+
+def format_bytes(size: int | float) -> str:
+    """1.2 GB, 98.4 MB, 512 B: decimal units, as disks and downloads are sold."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def format_count(count: int | None) -> str:
+    """135M, 1.5B: parameter counts the way model cards write them."""
+    if not count:
+        return "-"
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= divisor:
+            return f"{count / divisor:.1f}".rstrip("0").rstrip(".") + suffix
+    return str(count)
+
+
+def print_table(env: Environment, headers: list[str], rows: list[list[str]]) -> None:
+    """Aligned columns: bold headers on a terminal, plain text in a pipe."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    bold = _isatty(env.stdout) and not os.environ.get("NO_COLOR")
+    print(f"\x1b[1m{line}\x1b[0m" if bold else line, file=env.stdout)
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
+              file=env.stdout)
+
+
+def print_fields(env: Environment, fields: list[tuple[str, str]]) -> None:
+    """`key  value` lines, keys aligned."""
+    width = max(len(key) for key, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {value}", file=env.stdout)
+
+
+def model_fields(ref: Any, info: Any, memory: Any, n_ctx: int,
+                 available: int | None) -> list[tuple[str, str]]:
+    """What `localchat show` prints: identity, shape, and whether it fits in memory."""
+    spec = getattr(ref, "spec", None)
+    fields = [("name", ref.name), ("path", str(info.path)),
+              ("file size", format_bytes(info.file_size))]
+    if spec is not None and spec.description:
+        fields.append(("description", spec.description))
+    fields += [
+        ("architecture", info.architecture or "-"),
+        ("parameters", format_count(info.parameter_count)),
+        ("quantization", info.quantization or "-"),
+        ("layers", str(info.block_count or "-")),
+        ("trained context", f"{info.context_length:,}" if info.context_length else "-"),
+        ("license", info.license or (spec.license if spec else None) or "-"),
+        ("chat template", "in the file" if info.chat_template else "none (chosen at load)"),
+    ]
+    need = f"{format_bytes(memory.total_bytes)} at ctx {n_ctx:,} (weights " \
+           f"{format_bytes(memory.weights_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)})"
+    if available is not None:
+        verdict = "fits" if memory.total_bytes < available else "does NOT fit"
+        need += f"; {format_bytes(available)} available now: {verdict}"
+    fields.append(("memory", need))
+    return fields

@@ -30,6 +30,8 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Nothing listens on port 9 here: a test that forgets its local hub fails fast, offline.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("LOCALCHAT_DEBUG", raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
     return home

@@ -1,0 +1,128 @@
+"""`localchat pull / list / show / rm`, and `run` pulling a missing model, as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hub_server import HubServer
+
+from localchat import paths
+
+REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
+FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CATALOG = f"""
+[tiny]
+description = "the test model, served by the local hub"
+default_tag = "q4_1"
+temperature = 0.0
+[tiny.tags.q4_1]
+parameters = "135M"
+quant = "Q4_1"
+repo = "{REPO}"
+file = "{FILE}"
+sha256 = "{SHA}"
+size = 98362432
+"""
+
+
+def localchat(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localchat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **(env or {})})
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture
+def hub(smollm2_path, monkeypatch):
+    """A local hub serving the real model; the test catalog points `tiny` at it."""
+    catalog = paths.user_catalog_file()
+    catalog.parent.mkdir(parents=True, exist_ok=True)
+    catalog.write_text(CATALOG)
+    server = HubServer().start()
+    server.add_file(REPO, FILE, smollm2_path)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_pull_list_show_rm_round_trip(hub):
+    pulled = localchat("pull", "tiny")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "\x1b" not in pulled.stderr  # no progress bar in a pipe
+    assert "tiny:q4_1 is at" in pulled.stderr
+
+    again = localchat("pull", "tiny")
+    assert "already" in again.stderr
+    assert len(hub.file_downloads()) == 1  # the second pull made no download
+
+    listed = json.loads(localchat("list", "--json").stdout)["models"]
+    assert [m["name"] for m in listed] == ["tiny:q4_1"]
+    assert listed[0]["context_length"] == 8192 and listed[0]["quant"] == "Q4_1"
+    table = localchat("list").stdout
+    assert "tiny:q4_1" in table and "98.4 MB" in table
+
+    shown = localchat("show", "tiny", "--ctx", "2048").stdout
+    assert "architecture     llama" in shown
+    assert "at ctx 2,048" in shown and "KV cache" in shown
+    assert "<|im_start|>" in shown  # the chat template
+
+    removed = localchat("rm", "tiny")
+    assert removed.returncode == 0 and "freed" in removed.stderr
+    assert json.loads(localchat("list", "--json").stdout)["models"] == []
+
+
+@pytest.mark.slow
+def test_run_pulls_a_missing_model_then_runs_offline(hub):
+    first = localchat("run", "tiny", "hi", "--max-tokens", "8", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["model"] == "tiny:q4_1"
+    hub.close()  # the hub is gone: a model on disk needs no network
+    second = localchat("run", "tiny", "hi", "--max-tokens", "8", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]  # catalog temp 0
+
+
+def test_offline_with_the_model_missing(hub):
+    result = localchat("run", "tiny", "hi", "--offline")
+    one_line_error(result, 1, "not on disk", "offline")
+    assert hub.requests == []
+
+
+def test_bad_names_are_usage_errors():
+    one_line_error(localchat("pull", "../../etc/passwd"), 2)
+    one_line_error(localchat("pull", "/abs/model.gguf"), 2, "path")
+    one_line_error(localchat("pull", "smollm2;rm -rf ~"), 2)
+    one_line_error(localchat("run", "smollm", "hi"), 2, "smollm2")  # closest name suggested
+    one_line_error(localchat("pull", "smollm2:q9_9"), 2, "q4_1")  # known tags listed
+
+
+def test_show_and_rm_of_a_model_not_on_disk():
+    one_line_error(localchat("show", "smollm2"), 1, "not on disk", "localchat pull smollm2")
+    assert localchat("rm", "smollm2").returncode == 1
+
+
+def test_show_a_local_file(smollm2_path):
+    shown = localchat("show", str(smollm2_path))
+    assert shown.returncode == 0
+    assert "trained context  8,192" in shown.stdout and "fits" in shown.stdout
+
+
+def test_list_with_nothing_on_disk():
+    result = localchat("list")
+    assert result.returncode == 0 and "no models on disk" in result.stderr
+    assert json.loads(localchat("list", "--json").stdout) == {"models": []}
