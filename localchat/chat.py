@@ -1,0 +1,214 @@
+"""Conversations as values, the context-window policy, and `/set` value parsing: no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from localchat.errors import ContextOverflowError, UsageError
+
+# A callable that formats messages with the model's chat template and counts the tokens;
+# `LocalEngine.count_tokens` is one.
+TokenCounter = Callable[[list[dict[str, str]]], int]
+SettingValue = float | int | bool | str | None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message; `interrupted` marks a reply stopped by Ctrl-C (kept, and sent as is)."""
+
+    role: str
+    content: str
+    interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown message role {self.role!r}")
+
+    def as_dict(self) -> dict[str, str]:
+        """The OpenAI-shaped dict the engines take."""
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A system prompt and the user/assistant messages so far; every change returns a new value."""
+
+    system: str | None = None
+    messages: tuple[Message, ...] = ()
+
+    def add_user(self, content: str) -> Conversation:
+        """This conversation with a user message appended."""
+        return replace(self, messages=(*self.messages, Message("user", content)))
+
+    def add_assistant(self, content: str, interrupted: bool = False) -> Conversation:
+        """This conversation with a reply appended; `interrupted` when the user stopped it."""
+        reply = Message("assistant", content, interrupted)
+        return replace(self, messages=(*self.messages, reply))
+
+    def undo(self) -> Conversation:
+        """Drop the last exchange: the newest user message and any reply after it."""
+        starts = _exchange_starts(self.messages)
+        if not starts:
+            raise UsageError("nothing to undo", "the conversation is empty")
+        return replace(self, messages=self.messages[: starts[-1]])
+
+    def without_last_reply(self) -> Conversation:
+        """Drop the reply after the newest user message, so it can be generated again (/retry)."""
+        end = len(self.messages)
+        while end and self.messages[end - 1].role == "assistant":
+            end -= 1
+        if not end:
+            raise UsageError("nothing to retry", "send a message first")
+        return replace(self, messages=self.messages[:end])
+
+    def with_system(self, text: str | None) -> Conversation:
+        """This conversation with a new system prompt; empty text removes it."""
+        return replace(self, system=text if text and text.strip() else None)
+
+    def cleared(self) -> Conversation:
+        """A new conversation that keeps the system prompt (a setting, not part of the chat)."""
+        return Conversation(system=self.system)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What `fit_to_window` kept, how many old exchanges it dropped, and the prompt's size."""
+
+    conversation: Conversation
+    dropped_exchanges: int
+    prompt_tokens: int
+
+
+def messages_for_model(conversation: Conversation) -> list[dict[str, str]]:
+    """The messages to send to an engine, the system prompt first when there is one."""
+    head = [{"role": "system", "content": conversation.system}] if conversation.system else []
+    return head + [message.as_dict() for message in conversation.messages]
+
+
+def fit_to_window(
+    conversation: Conversation, count_tokens: TokenCounter, n_ctx: int, reserve: int
+) -> FitResult:
+    """Drop the oldest whole exchanges until the prompt plus `reserve` fits in `n_ctx` tokens.
+
+    Counts are real (template + tokenizer) because templates are not additive: per-message
+    counts would miss BOS tokens, separators and default system prompts. So instead of one call
+    per message we search: one call when everything fits (the usual turn), else one for the
+    smallest prompt we may send and a binary search over how many exchanges to drop,
+    2 + ceil(log2(exchanges)) calls in all. A trim goes down to half the window, not just under
+    the limit, so the next several turns only append and the engine keeps reusing the KV cache
+    of the shared prefix; trimming a little every turn would change the prefix every turn.
+    Keep `result.conversation` as the live conversation for the same reason.
+    """
+    if n_ctx <= 0 or reserve < 0:
+        raise ValueError(f"need n_ctx > 0 and reserve >= 0 (got {n_ctx}, {reserve})")
+    budget = n_ctx - reserve
+    full = count_tokens(messages_for_model(conversation))
+    if full <= budget:
+        return FitResult(conversation, 0, full)
+
+    starts = _exchange_starts(conversation.messages)
+    droppable = max(len(starts) - 1, 0)  # every exchange but the newest
+
+    def drop(count: int) -> Conversation:
+        return replace(conversation, messages=conversation.messages[starts[count] :])
+
+    smallest = count_tokens(messages_for_model(drop(droppable))) if droppable else full
+    if smallest > budget:
+        suggestion = 1024 * math.ceil((smallest + reserve) / 1024)
+        raise ContextOverflowError(
+            f"prompt is {smallest} tokens; the context window is {n_ctx} "
+            f"with {reserve} reserved for the reply",
+            f"use --ctx {suggestion} or more if the model allows it, or send a shorter message",
+        )
+    target = min(budget, n_ctx // 2)
+    if smallest > target:
+        return FitResult(drop(droppable), droppable, smallest)
+
+    # Invariant: dropping `high` exchanges reaches the target, dropping `low` does not.
+    low, high, high_tokens = 0, droppable, smallest
+    while high - low > 1:
+        middle = (low + high) // 2
+        tokens = count_tokens(messages_for_model(drop(middle)))
+        if tokens <= target:
+            high, high_tokens = middle, tokens
+        else:
+            low = middle
+    return FitResult(drop(high), high, high_tokens)
+
+
+def _exchange_starts(messages: tuple[Message, ...]) -> list[int]:
+    """Indices where exchanges begin: each user message, and a leading reply on its own."""
+    starts = [index for index, message in enumerate(messages) if message.role == "user"]
+    if messages and (not starts or starts[0] != 0):
+        starts.insert(0, 0)
+    return starts
+
+
+# name -> (what the value must be, an example); the order is the order /help shows.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "temperature": ("a number, 0 or more", "0.7"),
+    "top_p": ("a number above 0 and at most 1", "0.95"),
+    "top_k": ("a whole number, 0 (off) or more", "40"),
+    "min_p": ("a number from 0 to 1", "0.05"),
+    "repeat_penalty": ("a number above 0", "1.1"),
+    "seed": ("a whole number from 0 to 4294967294, or none for random", "42"),
+    "max_tokens": ("a whole number, 1 or more, or none for no limit", "512"),
+    "markdown": ("on or off", "off"),
+    "system": ("any text; empty removes the system prompt", "You are terse."),
+}
+_ALIASES = {"temp": "temperature", "repetition_penalty": "repeat_penalty"}
+_SWITCHES = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+
+
+def parse_setting(name: str, raw: str) -> tuple[str, SettingValue]:
+    """Check a `/set NAME VALUE` pair: the canonical name and the typed value, or a UsageError."""
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in SETTINGS:
+        raise UsageError(f"unknown setting {name!r}", f"settings: {', '.join(SETTINGS)}")
+    if key == "system":
+        return key, raw.strip()
+    value = raw.strip()
+    parsed = _parse_value(key, value.lower())
+    if parsed is _INVALID:
+        expected, example = SETTINGS[key]
+        shown = repr(value[:40]) if value else "nothing"
+        raise UsageError(
+            f"bad value for {key}: {shown} (expected {expected})", f"e.g. /set {key} {example}"
+        )
+    return key, parsed
+
+
+_INVALID = object()
+
+
+def _parse_value(key: str, value: str) -> object:
+    if key == "markdown":
+        return _SWITCHES.get(value, _INVALID)
+    if key in ("seed", "max_tokens") and value == "none":
+        return None
+    if key in ("top_k", "seed", "max_tokens"):
+        try:
+            number: float = int(value)
+        except ValueError:
+            return _INVALID
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            return _INVALID
+        if not math.isfinite(number):
+            return _INVALID
+    ok = {
+        "temperature": number >= 0,
+        "top_p": 0 < number <= 1,
+        "top_k": number >= 0,
+        "min_p": 0 <= number <= 1,
+        "repeat_penalty": number > 0,
+        # the engine's range: llama.cpp reserves 2**32 - 1 for "random"
+        "seed": 0 <= number < 2**32 - 1,
+        "max_tokens": number > 0,
+    }[key]
+    return number if ok else _INVALID
