@@ -32,6 +32,7 @@ class Config:
     chat_format: str | None = None
     markdown: bool | None = None
     history: bool | None = None
+    snapshot_cap_mb: int | None = None  # KV-cache snapshots kept for resuming chats (LRU)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -40,7 +41,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "repeat_penalty": (float, int),
     "top_k": (int,), "seed": (int,), "max_tokens": (int,), "threads": (int,), "ctx": (int,),
     "gpu_layers": (int,),
-    "mmap": (bool,), "markdown": (bool,), "history": (bool,),
+    "mmap": (bool,), "markdown": (bool,), "history": (bool,), "snapshot_cap_mb": (int,),
 }
 
 EXAMPLE = """\
