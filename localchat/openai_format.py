@@ -1,0 +1,301 @@
+"""The OpenAI wire format for `localchat serve`: request checking and reply bodies, no I/O.
+
+Requests are checked strictly: an unknown field, a wrong type, or a feature we do not have
+(n > 1, tools, logprobs, OpenAI's additive penalties) is a 400 naming the field, never silently
+ignored. Sampling defaults are `localchat run`'s, so the same request gives the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from localchat.engine import GenerationStats, Sampling
+from localchat.errors import UsageError
+
+_COMMON_FIELDS = frozenset({
+    "model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p",
+    "repeat_penalty", "repetition_penalty", "seed", "max_tokens", "stop", "ignore_eos",
+    "n", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+})
+FIELDS = {
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs",
+                              "response_format", "tools", "tool_choice", "parallel_tool_calls"},
+    "text": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
+}
+# OpenAI fields for features we lack: accepted only at the value that means "off".
+_ONLY_OFF: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+    "suffix": ("",), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
+    "response_format": ({"type": "text"},), "presence_penalty": (0,), "frequency_penalty": (0,),
+}
+_OFF_HINTS = {
+    "presence_penalty": "use repeat_penalty (llama.cpp's multiplicative penalty) instead",
+    "frequency_penalty": "use repeat_penalty (llama.cpp's multiplicative penalty) instead",
+    "n": "send one request per reply",
+}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """A request the server answers with an OpenAI-style JSON error; the server stays up."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI's clients know how to read."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request: chat messages or a raw prompt, sampling, and how to answer."""
+
+    kind: str  # "chat" or "text"
+    messages: list[dict[str, str]] | None
+    prompt: str | None
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class ReplyMeta:
+    """What every chunk of one reply repeats."""
+
+    kind: str
+    id: str
+    created: int
+    model: str
+
+
+def decode_json(raw: bytes) -> Any:
+    """The body as JSON; anything else (including NaN and Infinity) is a 400."""
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not valid JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=reject)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
+    """Check a /v1/chat/completions ("chat") or /v1/completions ("text") body.
+
+    `defaults` fill the sampling fields a request leaves out: `localchat run`'s for this model.
+    """
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    for name in body:
+        if name not in FIELDS[kind]:
+            raise ApiError(400, f"unknown field '{name}'", param=name, code="unknown_field")
+    for name, allowed in _ONLY_OFF.items():
+        value = body.get(name)
+        # 0 and 0.0 are the same "off"; True is not 1.
+        if value is not None and not any(
+                value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in allowed):
+            hint = _OFF_HINTS.get(name, "leave it out")
+            raise ApiError(400, f"'{name}' = {json.dumps(value)} is not supported; {hint}",
+                           param=name, code="unsupported_field")
+    _check_type(body, "model", str)
+    _check_type(body, "user", str)
+    _check_type(body, "parallel_tool_calls", bool)
+    stream = _check_type(body, "stream", bool) or False
+    return Request(
+        kind=kind,
+        messages=_messages(body.get("messages")) if kind == "chat" else None,
+        prompt=_prompt(body.get("prompt")) if kind == "text" else None,
+        sampling=_sampling(body, defaults),
+        stream=stream,
+        include_usage=_include_usage(body.get("stream_options")),
+    )
+
+
+def _check_type(body: dict[str, Any], name: str, expected: type) -> Any:
+    value = body.get(name)
+    if value is not None and not isinstance(value, expected):
+        raise ApiError(400, f"'{name}' must be {_TYPE_NAMES[expected]}", param=name)
+    return value
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _number(body: dict[str, Any], name: str, integer: bool = False) -> Any:
+    value = body.get(name)
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}",
+                       param=name)
+    return value
+
+
+def _one_of(body: dict[str, Any], names: tuple[str, str], integer: bool = False) -> Any:
+    """A value that goes by two names (OpenAI's and vLLM's); both given must agree."""
+    first, second = (_number(body, name, integer) for name in names)
+    if first is not None and second is not None and first != second:
+        raise ApiError(400, f"'{names[0]}' and '{names[1]}' disagree; send one", param=names[1])
+    return first if first is not None else second
+
+
+def _sampling(body: dict[str, Any], defaults: Sampling) -> Sampling:
+    top_k = _number(body, "top_k", integer=True)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    ignore_eos = _check_type(body, "ignore_eos", bool)
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    sampling = Sampling(
+        temperature=float(pick(_number(body, "temperature"), defaults.temperature)),
+        top_p=float(pick(_number(body, "top_p"), defaults.top_p)),
+        top_k=0 if top_k == -1 else pick(top_k, defaults.top_k),  # -1 is vLLM's "off"
+        min_p=float(pick(_number(body, "min_p"), defaults.min_p)),
+        repeat_penalty=float(pick(_one_of(body, ("repeat_penalty", "repetition_penalty")),
+                                  defaults.repeat_penalty)),
+        seed=pick(_number(body, "seed", integer=True), defaults.seed),
+        max_tokens=pick(_one_of(body, ("max_tokens", "max_completion_tokens"), integer=True),
+                        defaults.max_tokens),
+        stop=tuple(s for s in stop if s) if stop is not None else defaults.stop,
+        ignore_eos=pick(ignore_eos, defaults.ignore_eos),
+    )
+    try:
+        sampling.validate()
+    except UsageError as exc:
+        # The engine names command-line flags; a client sent JSON fields.
+        match = re.search(r"--([a-z-]+)", exc.message)
+        field = match.group(1).replace("-", "_") if match else None
+        raise ApiError(400, re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"),
+                                   exc.message), param=field) from None
+    return sampling
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    messages = []
+    for index, message in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object", param=where)
+        for key, value in message.items():
+            # Clients echo an earlier reply back with its empty extras; those are harmless.
+            if key not in ("role", "content", "name") and value is not None:
+                raise ApiError(400, f"{where}.{key} is not supported", param=f"{where}.{key}")
+        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise ApiError(400, f"{where}.role must be one of system, developer, user, "
+                           f"assistant (got {json.dumps(message.get('role'))})",
+                           param=f"{where}.role")
+        messages.append({"role": role, "content": _content(message.get("content"), where)})
+    return messages
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise ApiError(400, f"{where}.content: only text parts are supported",
+                               param=f"{where}.content")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(400, f"{where}.content must be a string or a list of text parts",
+                   param=f"{where}.content")
+
+
+def _prompt(raw: Any) -> str:
+    if isinstance(raw, list) and len(raw) == 1:
+        raw = raw[0]  # clients often wrap a single prompt in a list
+    if not isinstance(raw, str):
+        raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+    return raw
+
+
+def _include_usage(raw: Any) -> bool:
+    if raw is None:
+        return False
+    if not isinstance(raw, dict) or set(raw) - {"include_usage"}:
+        raise ApiError(400, "'stream_options' may only hold include_usage",
+                       param="stream_options")
+    value = raw.get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false",
+                       param="stream_options")
+    return bool(value)
+
+
+def model_entry(model_id: str, created: int, n_ctx: int) -> dict[str, Any]:
+    """One /v1/models entry; max_model_len is vLLM's name for the context window."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "localchat",
+            "max_model_len": n_ctx}
+
+
+def usage(stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's token counts, with the KV-cache reuse where OpenAI reports cached tokens."""
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
+    """The id, time and model one reply's body or chunks carry."""
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return ReplyMeta(kind=kind, id=f"{prefix}-{id_suffix}", created=int(time.time()), model=model)
+
+
+def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats) -> dict[str, Any]:
+    """The non-streaming answer."""
+    if meta.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": stats.finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None,
+                  "finish_reason": stats.finish_reason}
+    return {**_head(meta, streaming=False), "choices": [choice], "usage": usage(stats)}
+
+
+def chunk(meta: ReplyMeta, text: str | None = None, finish_reason: str | None = None,
+          opening: bool = False) -> dict[str, Any]:
+    """One streamed event: the opening role, a piece of text, or the closing finish reason."""
+    if meta.kind == "chat":
+        delta: dict[str, str] = {"role": "assistant", "content": ""} if opening else {}
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": 0, "delta": delta}
+    else:
+        choice = {"index": 0, "text": text or ""}
+    choice.update(logprobs=None, finish_reason=finish_reason)
+    return {**_head(meta, streaming=True), "choices": [choice]}
+
+
+def usage_chunk(meta: ReplyMeta, stats: GenerationStats) -> dict[str, Any]:
+    """The last event when the client asked for `stream_options.include_usage`."""
+    return {**_head(meta, streaming=True), "choices": [], "usage": usage(stats)}
+
+
+def _head(meta: ReplyMeta, streaming: bool) -> dict[str, Any]:
+    if meta.kind == "chat":
+        kind = "chat.completion.chunk" if streaming else "chat.completion"
+    else:
+        kind = "text_completion"
+    return {"id": meta.id, "object": kind, "created": meta.created, "model": meta.model}

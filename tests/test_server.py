@@ -1,0 +1,288 @@
+"""`localchat serve` with the real model in a subprocess, driven by the official openai client,
+by raw HTTP, and by `localchat run --endpoint`; greedy answers must equal `localchat run`'s."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key-7f3a"
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+PROMPT = "Name three primary colours."
+# One thread for every process: the test machine is small and shared, and llama.cpp's
+# spinning threads collapse when they outnumber free cores.
+THREADS = ["--threads", "1"]
+
+
+def _environment(home) -> dict:
+    env = {**os.environ, "LOCALCHAT_HOME": str(home), "HF_HOME": str(home / "hf"),
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("LOCALCHAT_API_KEY", None)
+    return env
+
+
+class ServeProcess:
+    """`localchat serve` in a subprocess; its stderr lines are collected as they come."""
+
+    def __init__(self, args: list[str], env: dict) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "localchat", "serve", *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, needle: str, timeout: float = 120) -> str:
+        """The first stderr line containing `needle`, waiting for it."""
+        for line in self.log:
+            if needle in line:
+                return line
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.log.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"no line with {needle!r}; stderr so far: {self.log}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve-home")
+    serve = ServeProcess([str(smollm2_path), "--port", "0", "--api-key", KEY, *THREADS],
+                         _environment(home))
+    line = serve.wait_for("serving ")
+    serve.url = line.split(" at ", 1)[1].split(" ", 1)[0]  # http://127.0.0.1:PORT/v1
+    serve.port = int(serve.url.rsplit(":", 1)[1].split("/")[0])
+    yield serve
+    assert serve.stop() == 0, serve.log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_answer(smollm2_path, tmp_path_factory):
+    """What `localchat run` prints for PROMPT, greedy: the reference every path must match."""
+    home = tmp_path_factory.mktemp("run-home")
+    result = subprocess.run(
+        [sys.executable, "-m", "localchat", "run", str(smollm2_path), PROMPT,
+         "--temperature", "0", "--max-tokens", "40", *THREADS],
+        input="", capture_output=True, text=True, timeout=180, env=_environment(home))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    return result.stdout
+
+
+def raw(server, method: str, path: str, body: bytes | str | None = None,
+        key: str | None = KEY) -> tuple[int, dict, dict]:
+    """One request by hand: status, headers and the JSON body."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    connection.close()
+    return response.status, dict(response.getheaders()), payload
+
+
+def test_models_lists_the_served_model(client):
+    listed = client.models.list().data
+    assert [model.id for model in listed] == [MODEL_ID]
+    assert listed[0].model_extra["max_model_len"] == 4096
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+
+
+def test_greedy_chat_streamed_and_not_equals_localchat_run(client, local_answer):
+    messages = [{"role": "user", "content": PROMPT}]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0,
+                                           max_tokens=40)
+    assert reply.choices[0].message.content + "\n" == local_answer
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    usage = reply.usage
+    assert 0 < usage.completion_tokens <= 40 and usage.prompt_tokens > 5
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL_ID, messages=messages, temperature=0, max_tokens=40, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text + "\n" == local_answer
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == reply.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == []
+    streamed = chunks[-1].usage
+    assert streamed.completion_tokens == usage.completion_tokens
+    # the same prompt twice: the engine kept its KV cache, all but the last token
+    assert streamed.prompt_tokens_details.cached_tokens == streamed.prompt_tokens - 1
+
+
+def test_run_with_endpoint_equals_localchat_run(server, local_answer, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "localchat", "run", "--endpoint", server.url, MODEL_ID, PROMPT,
+         "--temperature", "0", "--max-tokens", "40"],
+        input="", capture_output=True, text=True, timeout=180,
+        env={**_environment(tmp_path), "LOCALCHAT_API_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == local_answer
+
+
+def test_completions_streamed_and_not(client):
+    whole = client.completions.create(model=MODEL_ID, prompt="The capital of France is",
+                                      temperature=0, max_tokens=6)
+    streamed = client.completions.create(model=MODEL_ID, prompt="The capital of France is",
+                                         temperature=0, max_tokens=6, stream=True)
+    text = whole.choices[0].text
+    assert "Paris" in text
+    assert "".join(chunk.choices[0].text for chunk in streamed) == text
+    assert whole.usage.completion_tokens <= 6 and whole.usage.prompt_tokens >= 5
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ('{"messages": [', None, "not valid JSON"),
+    ('[1, 2]', None, "JSON object"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temprature": 0}', "temprature",
+     "unknown field"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature",
+     "temperature must be 0 or more"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "12"}', "max_tokens",
+     "integer"),
+    ('{"messages": "hi"}', "messages", "non-empty list"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0].role", "robot"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n", "not supported"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
+     "frequency_penalty", "repeat_penalty"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None,
+     "not valid JSON"),
+])
+def test_bad_requests_get_a_json_400_and_the_server_stays_up(server, body, param, words):
+    status, headers, payload = raw(server, "POST", "/v1/chat/completions", body)
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    error = payload["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert raw(server, "GET", "/v1/models")[0] == 200
+
+
+def test_routes_and_methods(server):
+    assert raw(server, "GET", "/v1/nowhere")[0] == 404
+    assert raw(server, "GET", "/v1/chat/completions")[0] == 405
+    assert raw(server, "GET", "/v1/models/other-model")[0] == 404
+    status, _, payload = raw(server, "POST", "/v1/completions", '{"prompt": [1, 2, 3]}')
+    assert status == 400 and payload["error"]["param"] == "prompt"
+    status, _, payload = raw(server, "GET", "/health", key=None)  # open, for load balancers
+    assert (status, payload) == (200, {"status": "ok"})
+
+
+def test_api_key_is_required(server):
+    status, headers, payload = raw(server, "GET", "/v1/models", key=None)
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    assert payload["error"]["code"] == "invalid_api_key"
+    assert raw(server, "POST", "/v1/chat/completions", "{}", key="wrong")[0] == 401
+    wrong = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert KEY not in "\n".join(server.log)
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_generation(server, client):
+    body = json.dumps({"messages": [{"role": "user", "content": "Count to one hundred."}],
+                       "stream": True, "max_tokens": 48, "temperature": 0, "ignore_eos": True})
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    received = b""
+    while received.count(b"data: ") < 3:  # the opening event and two pieces
+        received += sock.recv(4096)
+    sock.close()
+    line = server.wait_for("client went away", timeout=60)
+    completion = int(line.split("reply ")[1].split(" tok")[0])
+    assert completion < 48 and "interrupted" in line
+    # the engine is free again and answers normally
+    reply = client.chat.completions.create(model=MODEL_ID, temperature=0, max_tokens=4,
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert reply.usage.completion_tokens > 0
+
+
+def test_concurrent_requests_are_queued_and_each_answer_is_intact(client):
+    prompts = ["What is the capital of Italy?", "Say something about cats."]
+
+    def ask(prompt: str) -> str:
+        reply = client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": prompt}], temperature=0,
+            max_tokens=10)
+        return reply.choices[0].message.content
+
+    alone = [ask(prompt) for prompt in prompts]
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i])))
+               for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results.get(i) for i in range(len(prompts))] == alone
+
+
+def test_a_busy_port_is_a_one_line_error(smollm2_path, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "localchat", "serve", str(smollm2_path), "--port", str(port)],
+            input="", capture_output=True, text=True, timeout=60, env=_environment(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use (stop the program using it, or "
+        "pick another with --port)"]
+
+
+def test_listening_beyond_loopback_without_a_key_warns(smollm2_path, tmp_path):
+    serve = ServeProcess([str(smollm2_path), "--host", "0.0.0.0", "--port", "0", *THREADS],
+                         _environment(tmp_path))
+    try:
+        warning = serve.wait_for("warning:", timeout=60)
+        assert "0.0.0.0 without --api-key" in warning
+    finally:
+        code = serve.stop()
+    assert code == 0 and not any("Traceback" in line for line in serve.log)
