@@ -1,0 +1,420 @@
+"""The interactive chat: a prompt-toolkit loop around one live conversation.
+
+`ChatSession` holds what a chat is made of (engine, conversation, settings, where it is saved) and
+runs a turn: fit the conversation to the window, stream the reply through the renderer, keep and
+save it. The slash commands live in `slash_commands` so this file stays about the loop itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from localchat import paths
+from localchat.chat import Conversation, Message, fit_to_window, messages_for_model
+from localchat.errors import ExitStatus, LocalchatError, UsageError
+from localchat.render import Environment, format_rate, print_error, print_note
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import Input
+    from prompt_toolkit.output import Output
+
+    from localchat.history import ConversationRecord, HistoryStore
+    from localchat.oneshot import Request
+    from localchat.remote import Engine
+
+# /model NAME: a name in, (the name to show and record, a loaded engine) out. The CLI builds it,
+# because turning a name into a file on disk (and maybe a download) is the CLI's job.
+ModelLoader = Callable[[str], "tuple[str, Engine]"]
+REPLY_ROOM = 512  # tokens kept free for the reply when --max-tokens does not say
+PROMPT, CONTINUATION = ">>> ", "... "
+BLOCK = '"""'
+
+
+@dataclass(frozen=True)
+class ReplOptions:
+    """What the chat needs beyond a one-shot `Request`."""
+
+    markdown: bool = True
+    session: str | None = None  # --session NAME: create or resume this named conversation
+    resume_last: bool = False  # --continue
+    load_model: ModelLoader | None = None  # None: /model cannot switch (e.g. a remote server)
+
+
+class ChatSession:
+    """The live state of one chat: engine, conversation, settings, and where it is saved."""
+
+    def __init__(self, request: Request, env: Environment, options: ReplOptions,
+                 store: HistoryStore | None, engine: Engine, owns_engine: bool = True) -> None:
+        self.request, self.env, self.options, self.store = request, env, options, store
+        self.engine, self.owns_engine = engine, owns_engine  # owned: closed when the chat ends
+        self.model = request.model
+        self.sampling = request.sampling
+        self.markdown = options.markdown
+        self.conversation = Conversation(system=request.system)
+        self.record: ConversationRecord | None = None  # created with the first saved message
+        self.name: str | None = None  # the name a not-yet-saved conversation will get
+        self.cache_is_current = False  # the KV cache holds this conversation (worth a snapshot)
+        self.used_tokens = 0
+        self._console: Any = None
+
+    # --- a turn ---------------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        """One turn: fit the window, save the message, stream and keep the reply."""
+        engine = self.engine
+        fit = fit_to_window(self.conversation.add_user(text), engine.count_tokens,
+                            engine.n_ctx, self.reply_room())
+        if fit.dropped_exchanges:
+            print_note(self.env, f"dropped the oldest {fit.dropped_exchanges} exchange(s) to fit "
+                                 f"the {engine.n_ctx}-token context window")
+        self.conversation = fit.conversation
+        self.save_message("user", text)
+        self.reply()
+
+    def reply(self) -> None:
+        """Stream a reply to the conversation as it stands; Ctrl-C keeps the part shown."""
+        engine = self.engine
+        before = engine.last_stats
+        pieces: list[str] = []
+        failure: LocalchatError | None = None
+        renderer = self._renderer()
+        stream = engine.stream(messages_for_model(self.conversation), self.sampling)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                renderer.feed(piece)
+        except KeyboardInterrupt:
+            stream.close()
+        except LocalchatError as exc:  # a remote stream that broke off: keep what arrived
+            failure = exc
+        finally:
+            renderer.finish()
+        self.cache_is_current = True
+        stats = engine.last_stats if engine.last_stats is not before else None
+        text = "".join(pieces)
+        interrupted = failure is not None or stats is None or stats.finish_reason == "interrupted"
+        if interrupted and not text:
+            self.conversation = self.conversation.undo()
+            self.with_history(lambda store, cid: store.delete_last_exchange(cid))
+            if failure is None:
+                print_note(self.env, "interrupted before the reply began: the message was not "
+                                     "kept (press Up to get it back)")
+        else:
+            self.conversation = self.conversation.add_assistant(text, interrupted)
+            self.save_message("assistant", text, stats, interrupted)
+            if failure is None and interrupted:
+                print_note(self.env, "interrupted: the partial reply is kept")
+            self.env.stdout.write("\n")  # a blank line between exchanges
+            self.env.stdout.flush()
+        self.refresh_usage()
+        if failure is not None:
+            raise failure
+
+    def reply_room(self) -> int:
+        """Tokens kept free for the reply when fitting the conversation to the window."""
+        return min(self.sampling.max_tokens or REPLY_ROOM, self.engine.n_ctx // 4)
+
+    def refresh_usage(self) -> None:
+        """Count the tokens the conversation takes now (for /context and the toolbar)."""
+        self.used_tokens = self.engine.count_tokens(messages_for_model(self.conversation))
+
+    def toolbar(self) -> str:
+        """The bottom line: model, tokens used / context size, last decode speed."""
+        engine = self.engine
+        stats = engine.last_stats
+        rate = format_rate(stats.decode_tokens_per_s if stats else None)
+        label = self.model.rstrip("/").rsplit("/", 1)[-1]  # a path's file name, a repo's name
+        return f" {label} · {self.used_tokens} / {engine.n_ctx} tokens · {rate}"
+
+    def _renderer(self) -> Any:
+        from localchat.markdown_stream import MarkdownStream, PlainStream
+
+        if not (self.markdown and self.env.stdout_isatty):
+            return PlainStream(self.env.stdout)
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.env.stdout)
+        return MarkdownStream(self._console)
+
+    # --- the history ----------------------------------------------------------------------
+
+    def save_message(self, role: str, text: str, stats: Any = None,
+                     interrupted: bool = False) -> None:
+        """Commit one message, creating the conversation with the first; failures are a note."""
+        if self.store is None:
+            return
+        try:
+            if self.record is None:
+                self.record = self.store.create_conversation(
+                    self.model, self.conversation.system, name=self.name,
+                    settings={"mode": "repl", **asdict(self.sampling)})
+            self.store.add_message(
+                self.record.id, role, text, token_count=stats.completion_tokens if stats else None,
+                timings=asdict(stats) if stats else None, interrupted=interrupted)
+        except LocalchatError as exc:
+            self._history_failed(exc)
+
+    def with_history(self, action: Callable[[HistoryStore, int], object]) -> None:
+        """Apply a change to the saved conversation, if there is one; failures are a note."""
+        if self.store is None or self.record is None:
+            return
+        try:
+            action(self.store, self.record.id)
+        except LocalchatError as exc:
+            self._history_failed(exc)
+
+    def _history_failed(self, error: LocalchatError) -> None:
+        hint = f" ({error.hint})" if error.hint else ""
+        print_note(self.env, f"note: not saved to the history: {error.message}{hint}")
+
+    def resume(self, record: ConversationRecord) -> None:
+        """Make `record` the live conversation, its KV cache restored from a snapshot if any."""
+        assert self.store is not None
+        stored = self.store.messages(record.id)
+        self.conversation = Conversation(system=record.system_prompt, messages=tuple(
+            Message(m.role, m.content, m.interrupted) for m in stored if m.role != "system"))
+        self.record, self.name, self.cache_is_current = record, record.name, False
+        turns = sum(message.role == "user" for message in self.conversation.messages)
+        print_note(self.env, f"continuing conversation {record.label} ({turns} turn(s))" + (
+            f"; it was started with {record.model}" if record.model != self.model else ""))
+        if self.conversation.messages:
+            from localchat.snapshots import restore_snapshot
+
+            result = restore_snapshot(self.engine, self.store, record.id,
+                                      messages_for_model(self.conversation))
+            self.cache_is_current = result.restored
+            self._verbose_note(result.note)
+            self._show_last_exchange()
+        self.refresh_usage()
+
+    def end_conversation(self) -> None:
+        """Save the KV cache as the conversation's snapshot, so resuming it re-reads nothing."""
+        if self.store is None or self.record is None or not self.cache_is_current:
+            return
+        from localchat.snapshots import save_snapshot
+
+        self._verbose_note(save_snapshot(self.engine, self.store, self.record.id).note)
+        self.cache_is_current = False
+
+    def start_new(self) -> None:
+        """A new conversation with the same model and system prompt (/clear)."""
+        self.end_conversation()
+        self.conversation = self.conversation.cleared()
+        self.record, self.name = None, None
+        self.refresh_usage()
+
+    def _show_last_exchange(self) -> None:
+        for message in self.conversation.messages[-2:]:
+            lead = PROMPT if message.role == "user" else ""
+            self.env.stdout.write(f"{lead}{message.content.rstrip()}\n")
+        self.env.stdout.write("\n")
+        self.env.stdout.flush()
+
+    def _verbose_note(self, text: str) -> None:
+        if self.request.verbose:
+            print_note(self.env, text)
+
+    # --- the model ------------------------------------------------------------------------
+
+    def switch_model(self, name: str) -> None:
+        """Load model `name` and keep the conversation; on any failure the current one stays."""
+        if self.options.load_model is None:
+            raise UsageError("this chat cannot switch models",
+                             "start another `localchat run MODEL` instead")
+        print_note(self.env, f"loading {name}...")
+        try:
+            model, engine = self.options.load_model(name)
+        except KeyboardInterrupt:
+            print_note(self.env, f"loading interrupted: still using {self.model}")
+            return
+        except LocalchatError as exc:
+            raise LocalchatError(f"{exc.message} (still using {self.model})", exc.hint) from exc
+        self.end_conversation()
+        self.close_engine()
+        self.engine, self.owns_engine, self.model = engine, True, model
+        self.cache_is_current = False
+        self.refresh_usage()
+        print_note(self.env, f"now using {model} (context {engine.n_ctx} tokens); the "
+                             "conversation is kept")
+
+    def close_engine(self) -> None:
+        """Free the engine if this chat loaded it."""
+        if self.owns_engine:
+            self.engine.close()
+
+
+def run_repl(request: Request, env: Environment, options: ReplOptions, *,
+             engine: Engine | None = None, pt_input: Input | None = None,
+             pt_output: Output | None = None) -> int:
+    """Chat until Ctrl-D or /bye; return the exit status. A given `engine` stays the caller's."""
+    from localchat.oneshot import open_engine
+
+    store = open_store(request, options, env)
+    try:
+        record = find_resumed(store, options, env) if store is not None else None
+        chat = ChatSession(request, env, options, store, engine or open_engine(request),
+                           owns_engine=engine is None)
+        try:
+            if record is not None:
+                chat.resume(record)
+            else:
+                chat.name = options.session
+                chat.refresh_usage()
+            print_note(env, f"{chat.model} · context {chat.engine.n_ctx} tokens · /help for "
+                            "commands, Ctrl-D to leave")
+            chat_loop(chat, prompt_session(chat, pt_input, pt_output))
+            chat.end_conversation()
+        finally:
+            chat.close_engine()
+    finally:
+        if store is not None:
+            store.close()
+    return ExitStatus.OK
+
+
+def open_store(request: Request, options: ReplOptions, env: Environment) -> HistoryStore | None:
+    """The history database, or None when history is off or (after a note) cannot be opened."""
+    wants = options.session is not None or options.resume_last
+    if not request.history:
+        if wants:
+            raise UsageError("--session and --continue need the history, which is off",
+                             "drop --no-history (or set history = true in the config)")
+        return None
+    if options.session is not None and options.resume_last:
+        raise UsageError("--session and --continue cannot be used together",
+                         "--session NAME picks a conversation; --continue picks the last one")
+    if options.session is not None:
+        from localchat.history import validate_name
+
+        validate_name(options.session)
+    from localchat.history import open_history
+
+    try:
+        return open_history()
+    except LocalchatError as exc:
+        if wants:
+            raise
+        hint = f" ({exc.hint})" if exc.hint else ""
+        print_note(env, f"note: this chat is not saved to the history: {exc.message}{hint}")
+        return None
+
+
+def find_resumed(store: HistoryStore, options: ReplOptions,
+                 env: Environment) -> ConversationRecord | None:
+    """The conversation --session or --continue asks for, or None for a new one."""
+    if options.session is not None:
+        return store.find_conversation(options.session)
+    if options.resume_last:
+        record = store.last_conversation()
+        if record is None:
+            print_note(env, "no conversation to continue: starting a new one")
+        return record
+    return None
+
+
+def chat_loop(chat: ChatSession, session: PromptSession) -> None:
+    """Read, run, repeat: slash commands, messages, and the keys that stop things."""
+    from localchat.slash_commands import run_command
+
+    while True:
+        try:
+            line = clean_text(session.prompt(PROMPT))
+        except KeyboardInterrupt:
+            continue  # Ctrl-C at the prompt clears the line
+        except EOFError:
+            return
+        try:
+            if line.lstrip().startswith("/"):  # a \"\"\" block is always a message
+                if not run_command(chat, line.strip()):
+                    return
+            elif line.strip():
+                chat.send(message_text(line))
+        except LocalchatError as exc:
+            print_error(chat.env, exc)
+        except KeyboardInterrupt:
+            print_note(chat.env, "interrupted")
+
+
+def prompt_session(chat: ChatSession, pt_input: Input | None = None,
+                   pt_output: Output | None = None) -> PromptSession:
+    """The prompt: input history, completion, multi-line keys and the bottom toolbar."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    history: Any = InMemoryHistory()
+    if chat.request.history:  # --no-history means nothing on disk, typed lines included
+        path = paths.ensure_private_dir(paths.data_dir()) / "input_history"
+        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+        history = FileHistory(str(path))
+    if pt_output is None and not chat.env.stdout_isatty:
+        from prompt_toolkit.output import create_output
+
+        pt_output = create_output(stdout=chat.env.stderr)  # the prompt goes where the person is
+    return PromptSession(
+        history=history, completer=_completer(chat), complete_while_typing=False,
+        key_bindings=_key_bindings(), bottom_toolbar=chat.toolbar,
+        prompt_continuation=CONTINUATION, input=pt_input, output=pt_output,
+    )
+
+
+def _key_bindings() -> Any:
+    from prompt_toolkit.application import get_app
+    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")  # Esc-Enter, and Alt-Enter (terminals send the same)
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @bindings.add("enter", filter=Condition(lambda: block_is_open(get_app().current_buffer.text)))
+    def _block_line(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+def _completer(chat: ChatSession) -> Any:
+    from prompt_toolkit.completion import Completer, Completion
+
+    from localchat.slash_commands import completions
+
+    class SlashCompleter(Completer):
+        def get_completions(self, document: Any, complete_event: Any) -> Iterable[Completion]:
+            text = document.text_before_cursor
+            word = text.rsplit(" ", 1)[-1]
+            for candidate in completions(chat, text):
+                yield Completion(candidate, start_position=-len(word))
+
+    return SlashCompleter()
+
+
+def block_is_open(text: str) -> bool:
+    """True while a `\"\"\"` block has been opened and not yet closed."""
+    stripped = text.strip()
+    return stripped.startswith(BLOCK) and (len(stripped) < 6 or not stripped.endswith(BLOCK))
+
+
+def message_text(line: str) -> str:
+    """What to send: a `\"\"\"` block without its quotes and edge blank lines, else the line."""
+    stripped = line.strip()
+    if not stripped.startswith(BLOCK):
+        return stripped
+    inner = stripped[3:-3] if len(stripped) >= 6 and stripped.endswith(BLOCK) else stripped[3:]
+    return re.sub(r"^\s*\n|\n\s*$", "", inner)  # blank edge lines go, indentation stays
+
+
+def clean_text(text: str) -> str:
+    """Input with undecodable bytes (kept by the terminal as surrogates) as U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")

@@ -1,0 +1,287 @@
+"""The REPL's slash commands: each one a function of the live chat and the rest of the line.
+
+Kept apart from `repl` so the loop stays short: here is the table of commands (which `/help`
+prints and Tab completes), their handlers, and the completion of their arguments. A handler
+returns False to leave the chat; a bad command or value raises `UsageError`, which the loop
+prints as one line before it reads the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
+
+from localchat.chat import SETTINGS, parse_setting
+from localchat.errors import LocalchatError, UsageError
+from localchat.render import format_rate, format_when, print_fields, print_note, print_table
+
+if TYPE_CHECKING:
+    from localchat.history import HistoryStore
+    from localchat.repl import ChatSession
+
+Handler = Callable[["ChatSession", str], bool]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One slash command: how to type it, what it does, and the function that does it."""
+
+    usage: str
+    summary: str
+    handler: Handler
+
+
+def run_command(chat: ChatSession, line: str) -> bool:
+    """Run one `/command argument` line; False means leave the chat."""
+    name, _, argument = line.partition(" ")
+    key = ALIASES.get(name.lower(), name.lower())
+    command = COMMANDS.get(key)
+    if command is None:
+        raise UsageError(f"unknown command {name[:40]}",
+                         'see /help; to send text that starts with /, wrap it in """')
+    return command.handler(chat, argument.strip())
+
+
+def _help(chat: ChatSession, argument: str) -> bool:
+    width = max(len(command.usage) for command in COMMANDS.values())
+    lines = [f"{command.usage.ljust(width)}  {command.summary}" for command in COMMANDS.values()]
+    lines += ['Multi-line input: start with """ and end with """, or press Esc-Enter (Alt-Enter) '
+              "for a new line.",
+              "Ctrl-C stops a reply (the part shown is kept) or clears the line; Ctrl-D leaves."]
+    chat.env.stdout.write("\n".join(lines) + "\n")
+    return True
+
+
+def _set(chat: ChatSession, argument: str) -> bool:
+    name, _, raw = argument.partition(" ")
+    if not name:
+        raise UsageError("usage: /set PARAM VALUE", f"settings: {', '.join(SETTINGS)}")
+    key, value = parse_setting(name, raw)
+    if key == "system":
+        _change_system(chat, str(value))
+    elif key == "markdown":
+        chat.markdown = bool(value)
+        print_note(chat.env, f"markdown {'on' if value else 'off'}")
+    else:
+        chat.sampling = replace(chat.sampling, **{key: value})
+        chat.with_history(lambda store, cid: store.update_settings(cid, {key: value}))
+        print_note(chat.env, f"{key} = {'none' if value is None else value}")
+    return True
+
+
+def _system(chat: ChatSession, argument: str) -> bool:
+    if argument:
+        _change_system(chat, argument)
+    else:
+        print_note(chat.env, f"system prompt: {chat.conversation.system or '(none)'}")
+    return True
+
+
+def _change_system(chat: ChatSession, text: str) -> None:
+    chat.conversation = chat.conversation.with_system(text)
+    system = chat.conversation.system
+    chat.with_history(lambda store, cid: store.set_system_prompt(cid, system))
+    chat.refresh_usage()
+    print_note(chat.env, "system prompt set" if system else "system prompt removed")
+
+
+def _show(chat: ChatSession, argument: str) -> bool:
+    engine = chat.engine
+    info = engine.info
+    fields = [("model", chat.model), ("file", str(info.model_path)),
+              ("context", f"{engine.n_ctx} tokens"), ("backend", info.backend),
+              ("chat template", f"{info.chat_format} ({info.chat_format_source})")]
+    for key, value in asdict(chat.sampling).items():
+        if key in ("stop", "ignore_eos") and not value:
+            continue  # only shown when set: they are command-line flags, not /set settings
+        fields.append((key, "none" if value is None else str(value)))
+    fields += [("markdown", "on" if chat.markdown else "off"),
+               ("system prompt", chat.conversation.system or "(none)"),
+               ("conversation", _conversation_label(chat))]
+    print_fields(chat.env, fields)
+    return True
+
+
+def _conversation_label(chat: ChatSession) -> str:
+    if chat.store is None:
+        return "not saved (the history is off)"
+    if chat.record is None:
+        return f"new, saved as {chat.name} from the first message" if chat.name else \
+            "new, saved from the first message"
+    return chat.record.label
+
+
+def _clear(chat: ChatSession, argument: str) -> bool:
+    chat.start_new()
+    print_note(chat.env, "new conversation (same model and system prompt)")
+    return True
+
+
+def _undo(chat: ChatSession, argument: str) -> bool:
+    chat.conversation = chat.conversation.undo()
+    chat.with_history(lambda store, cid: store.delete_last_exchange(cid))
+    chat.refresh_usage()
+    print_note(chat.env, "removed the last exchange")
+    return True
+
+
+def _retry(chat: ChatSession, argument: str) -> bool:
+    chat.conversation = chat.conversation.without_last_reply()
+    chat.with_history(_delete_last_reply)
+    chat.reply()
+    return True
+
+
+def _delete_last_reply(store: HistoryStore, conversation_id: int) -> None:
+    users = [m.id for m in store.messages(conversation_id) if m.role == "user"]
+    if users:
+        store.delete_messages_after(users[-1])
+
+
+def _context(chat: ChatSession, argument: str) -> bool:
+    chat.refresh_usage()
+    chat.env.stdout.write(f"{chat.used_tokens} / {chat.engine.n_ctx} tokens used\n")
+    return True
+
+
+def _stats(chat: ChatSession, argument: str) -> bool:
+    stats = chat.engine.last_stats
+    if stats is None:
+        print_note(chat.env, "no reply yet")
+        return True
+    chat.env.stdout.write(
+        f"prompt    {stats.prompt_tokens} tokens: {stats.cached_tokens} reused from the cache, "
+        f"{stats.prefill_tokens} processed in {stats.prefill_s * 1000:.0f} ms "
+        f"({format_rate(stats.prefill_tokens_per_s)})\n"
+        f"first token after {stats.ttft_s * 1000:.0f} ms\n"
+        f"reply     {stats.completion_tokens} tokens in {stats.decode_s:.2f} s "
+        f"({format_rate(stats.decode_tokens_per_s)}), finish {stats.finish_reason}\n")
+    return True
+
+
+def _model(chat: ChatSession, argument: str) -> bool:
+    if not argument:
+        print_note(chat.env, f"model: {chat.model} (switch with /model NAME)")
+    else:
+        chat.switch_model(argument)
+    return True
+
+
+def _save(chat: ChatSession, argument: str) -> bool:
+    from localchat.history import validate_name
+
+    store = _require_history(chat)
+    if not argument:
+        raise UsageError("usage: /save NAME", "a name of letters, digits, '-', '_' or '.'")
+    name = validate_name(argument)
+    if chat.record is not None:
+        chat.record = store.rename_conversation(chat.record.id, name)
+    elif store.find_conversation(name) is not None:
+        raise UsageError(f"a conversation named {name!r} exists already",
+                         f"pick another name, or /load {name}")
+    else:
+        chat.name = name
+    print_note(chat.env, f"saved as {name}: resume it with `localchat run --session {name}`")
+    return True
+
+
+def _load(chat: ChatSession, argument: str) -> bool:
+    store = _require_history(chat)
+    if not argument:
+        raise UsageError("usage: /load NAME", "see /history for the saved conversations")
+    record = store.find_conversation(argument.removeprefix("#"))
+    if record is None:
+        raise LocalchatError(f"no conversation {argument!r} in the history",
+                             "see /history for the saved conversations")
+    if chat.record is not None and record.id == chat.record.id:
+        print_note(chat.env, f"already in conversation {record.label}")
+        return True
+    chat.end_conversation()
+    chat.resume(record)
+    return True
+
+
+def _history(chat: ChatSession, argument: str) -> bool:
+    summaries = _require_history(chat).list_conversations(10)
+    if not summaries:
+        print_note(chat.env, "no saved conversations yet")
+        return True
+    current = chat.record.id if chat.record else None
+    print_table(chat.env, ["", "ID", "NAME", "MODEL", "TURNS", "LAST MESSAGE", "UPDATED"], [
+        ["*" if s.id == current else "", str(s.id), s.name or "-", s.model, str(s.turn_count),
+         s.last_message or "-", format_when(s.updated_at)] for s in summaries])
+    return True
+
+
+def _require_history(chat: ChatSession) -> HistoryStore:
+    if chat.store is None:
+        raise UsageError("the history is off in this chat",
+                         "start without --no-history (and without history = false in the config)")
+    return chat.store
+
+
+def _bye(chat: ChatSession, argument: str) -> bool:
+    return False
+
+
+COMMANDS: dict[str, Command] = {
+    "/help": Command("/help", "this list", _help),
+    "/set": Command("/set PARAM VALUE", f"change a setting: {', '.join(SETTINGS)}", _set),
+    "/show": Command("/show", "the model and the current settings", _show),
+    "/system": Command("/system TEXT", "set the system prompt (alone: show it)", _system),
+    "/clear": Command("/clear", "start a new conversation, same model", _clear),
+    "/undo": Command("/undo", "drop the last exchange", _undo),
+    "/retry": Command("/retry", "generate the last reply again", _retry),
+    "/context": Command("/context", "tokens used in the context window", _context),
+    "/stats": Command("/stats", "the last reply: timings, prompt tokens reused and processed",
+                      _stats),
+    "/model": Command("/model NAME", "switch to another model, keep the conversation", _model),
+    "/save": Command("/save NAME", "name this conversation, to resume it later", _save),
+    "/load": Command("/load NAME", "continue a saved conversation", _load),
+    "/history": Command("/history", "recent saved conversations", _history),
+    "/bye": Command("/bye, /exit", "leave (Ctrl-D too)", _bye),
+}
+ALIASES = {"/exit": "/bye", "/quit": "/bye", "/?": "/help"}
+
+
+def completions(chat: ChatSession, text: str) -> list[str]:
+    """What Tab may complete the last word of `text` to: commands, then their arguments."""
+    if not text.startswith("/"):
+        return []
+    if " " not in text:
+        return [name for name in [*COMMANDS, "/exit"] if name.startswith(text.lower())]
+    command, _, rest = text.partition(" ")
+    command = ALIASES.get(command.lower(), command.lower())
+    *before, word = rest.split(" ")
+    if not before:
+        choices = _first_arguments(chat, command)
+    elif command == "/set" and before == ["markdown"]:
+        choices = ["on", "off"]
+    else:
+        choices = []
+    return [choice for choice in choices if choice.startswith(word)]
+
+
+def _first_arguments(chat: ChatSession, command: str) -> list[str]:
+    if command == "/set":
+        return list(SETTINGS)
+    if command == "/model":
+        return _model_names()
+    if command == "/load" and chat.store is not None:
+        try:
+            return [s.name for s in chat.store.list_conversations(100) if s.name]
+        except LocalchatError:
+            return []
+    return []
+
+
+def _model_names() -> list[str]:
+    try:
+        from localchat.catalog import completion_names
+        from localchat.store import list_local_models
+
+        names = completion_names() + [model.name for model in list_local_models()]
+    except LocalchatError:
+        return []
+    return sorted(set(names))

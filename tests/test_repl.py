@@ -1,0 +1,471 @@
+"""The REPL's logic, driven through prompt-toolkit's pipe input with the real model.
+
+Each test types keys into a pipe (Enter is \\r, Ctrl-C \\x03, Esc-Enter \\x1b\\r), lets the REPL
+run until the pipe is closed (Ctrl-D), and asserts the transcript and the history rows.
+Ctrl-C while a reply streams is a real SIGINT, raised when the reply reaches stdout.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import stat
+import threading
+from dataclasses import dataclass, replace
+
+import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from localchat import paths
+from localchat.catalog import resolve_model
+from localchat.cli import ensure_local
+from localchat.engine import EngineOptions, Sampling
+from localchat.errors import UsageError
+from localchat.history import default_history_path, open_history
+from localchat.oneshot import Request, load_engine
+from localchat.render import Environment
+from localchat.repl import (
+    ChatSession,
+    ReplOptions,
+    block_is_open,
+    clean_text,
+    message_text,
+    run_repl,
+)
+from localchat.slash_commands import completions
+
+pytestmark = pytest.mark.slow
+
+# Greedy and short; one thread, because spinning llama.cpp threads on a busy CPU are very slow.
+GREEDY = Sampling(temperature=0.0, max_tokens=8)
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    loaded = load_engine(EngineOptions(model_path=smollm2_path, n_ctx=1024, threads=1))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture
+def fresh(engine):
+    """The shared engine with an empty KV cache, so reuse counts start from zero."""
+    engine.reset_cache()
+    return engine
+
+
+@dataclass(frozen=True)
+class Transcript:
+    status: int
+    stdout: str
+    stderr: str
+
+
+class TerminalText(io.StringIO):
+    """stdout that says it is a terminal, so the REPL renders markdown into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class CtrlCAfter(io.StringIO):
+    """stdout that presses Ctrl-C (a real SIGINT to this process) once `after` characters came."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if self.after and self.tell() >= self.after:
+            self.after = 0
+            signal.raise_signal(signal.SIGINT)
+        return written
+
+
+def chat(engine, keys: str | bytes, *, history: bool = True, options: ReplOptions | None = None,
+         sampling: Sampling = GREEDY, system: str | None = None, stdout: io.StringIO | None = None,
+         verbose: bool = False) -> Transcript:
+    """Run the REPL on `keys`, then Ctrl-D (the pipe closes); return what it printed."""
+    env = Environment(stdin=io.StringIO(), stdout=stdout or io.StringIO(), stderr=io.StringIO())
+    request = Request(model="smollm2", prompt=None, system=system, sampling=sampling,
+                      engine=engine.options, verbose=verbose, history=history)
+    with create_pipe_input() as pipe:
+
+        def type_keys() -> None:  # in a thread: a long paste would fill the pipe and block
+            pipe.send_bytes(keys if isinstance(keys, bytes) else keys.encode())
+            pipe.close()
+
+        typist = threading.Thread(target=type_keys, daemon=True)
+        typist.start()
+        try:
+            status = run_repl(request, env, options or ReplOptions(markdown=False),
+                              engine=engine, pt_input=pipe, pt_output=DummyOutput())
+        finally:
+            typist.join(timeout=10)
+    return Transcript(status, env.stdout.getvalue(), env.stderr.getvalue())
+
+
+def stored() -> list[list[tuple[str, str, bool]]]:
+    """Every conversation in the history, oldest first, as (role, content, interrupted)."""
+    if not default_history_path().exists():
+        return []
+    with open_history() as store:
+        ids = sorted(s.id for s in store.list_conversations(100))
+        return [[(m.role, m.content, m.interrupted) for m in store.messages(i)] for i in ids]
+
+
+def direct_reply(engine, messages: list[dict[str, str]], sampling: Sampling = GREEDY) -> str:
+    return "".join(engine.stream(messages, sampling))
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+# --- turns ---------------------------------------------------------------------------------
+
+
+def test_a_turn_prints_the_reply_and_saves_both_messages(fresh):
+    result = chat(fresh, f"{QUESTION}\r")
+    expected = direct_reply(fresh, [{"role": "user", "content": QUESTION}])
+    assert result.status == 0
+    assert expected and result.stdout == expected + "\n\n"
+    assert "Traceback" not in result.stderr and not error_lines(result.stderr)
+    assert stored() == [[("user", QUESTION, False), ("assistant", expected, False)]]
+    with open_history() as store:
+        reply = store.messages(1)[1]
+    assert reply.token_count == reply.timings["completion_tokens"] > 0
+
+
+def test_the_next_turn_processes_only_the_new_tokens(fresh):
+    result = chat(fresh, f"{QUESTION}\r/stats\rAnd of Italy?\r/stats\r")
+    stats = fresh.last_stats
+    first_prompt = int(result.stdout.split("prompt    ")[1].split(" tokens")[0])
+    assert "0 reused from the cache" in result.stdout  # the first turn: a cold cache
+    # Everything up to the first reply is reused; only the reply's end and the question are new.
+    assert stats.cached_tokens > first_prompt
+    assert stats.prefill_tokens < 20
+    assert f"{stats.cached_tokens} reused from the cache, {stats.prefill_tokens} processed" \
+        in result.stdout
+
+
+def test_retry_regenerates_the_reply_from_the_cache_and_replaces_it(fresh):
+    result = chat(fresh, f"{QUESTION}\r/retry\r")
+    stats = fresh.last_stats
+    reply = direct_reply(fresh, [{"role": "user", "content": QUESTION}])
+    assert result.stdout == f"{reply}\n\n{reply}\n\n"  # greedy: the same text again
+    assert stats.cached_tokens == stats.prompt_tokens - 1  # only the last token is re-read
+    assert stored() == [[("user", QUESTION, False), ("assistant", reply, False)]]
+
+
+def test_undo_drops_the_last_exchange_and_the_next_turn_reuses_the_cache(fresh):
+    result = chat(fresh, f"{QUESTION}\r/context\rAnd of Italy?\r/undo\r/context\r"
+                         "And of Spain?\r/undo\r/undo\r/undo\r")
+    counts = [line for line in result.stdout.splitlines() if line.endswith("tokens used")]
+    assert counts[0] == counts[1]  # back where it was before the second question
+    assert fresh.last_stats.cached_tokens > 30  # "Spain" after /undo: the first turn is reused
+    assert result.stderr.count("removed the last exchange") == 3
+    assert error_lines(result.stderr) == ["error: nothing to undo (the conversation is empty)"]
+    assert stored() == [[]]
+
+
+def test_clear_starts_a_new_conversation_with_the_same_system_prompt(fresh):
+    result = chat(fresh, f"{QUESTION}\r/clear\rHello!\r", system="You are terse.")
+    assert "new conversation" in result.stderr
+    conversations = stored()
+    assert [len(messages) for messages in conversations] == [2, 2]
+    with open_history() as store:
+        assert [store.find_conversation(i).system_prompt for i in (1, 2)] == \
+            ["You are terse.", "You are terse."]
+
+
+def test_set_changes_sampling_and_the_system_prompt_and_show_lists_them(fresh):
+    result = chat(fresh, "/set temperature 0.2\r/set top_k 5\r/set max_tokens 4\r"
+                         "/set system You are terse.\r/show\rHi\r/system\r")
+    assert "temperature     0.2" in result.stdout
+    assert "top_k           5" in result.stdout
+    assert "system prompt   You are terse." in result.stdout
+    assert "system prompt: You are terse." in result.stderr
+    assert fresh.last_stats.completion_tokens <= 4
+    with open_history() as store:
+        record = store.find_conversation(1)
+    assert record.system_prompt == "You are terse."
+    assert record.settings["temperature"] == 0.2 and record.settings["max_tokens"] == 4
+
+
+def test_help_lists_every_command(fresh):
+    result = chat(fresh, "/help\r")
+    for command in ("/set PARAM VALUE", "/show", "/clear", "/undo", "/retry", "/context",
+                    "/stats", "/model NAME", "/system TEXT", "/save NAME", "/load NAME",
+                    "/history", "/bye", '"""'):
+        assert command in result.stdout
+
+
+def test_bye_and_exit_leave_with_status_zero(fresh):
+    for command in ("/bye", "/exit"):
+        result = chat(fresh, f"{command}\r/context\r")
+        assert result.status == 0
+        assert "tokens used" not in result.stdout  # nothing after /bye was read
+
+
+# --- input: blocks, pastes, bad bytes, bad commands ----------------------------------------
+
+
+def test_triple_quote_blocks_and_esc_enter_make_multi_line_messages(fresh):
+    chat(fresh, '"""\rfirst line\r  second, indented\r"""\rone\x1b\rtwo\r')
+    users = [content for role, content, _ in stored()[0] if role == "user"]
+    assert users == ["first line\n  second, indented", "one\ntwo"]
+
+
+def test_a_bracketed_paste_keeps_its_newlines_in_one_message(fresh):
+    chat(fresh, "\x1b[200~line one\nline two\x1b[201~\r")
+    assert stored()[0][0] == ("user", "line one\nline two", False)
+
+
+def test_empty_and_whitespace_only_lines_send_nothing(fresh):
+    result = chat(fresh, "\r   \r\t\r/context\r")
+    assert result.stdout.endswith("tokens used\n")
+    assert not error_lines(result.stderr)
+    assert stored() == []
+
+
+def test_a_100_kb_paste_is_refused_with_the_numbers_and_the_chat_goes_on(fresh):
+    paste = "All work and no play makes Jack a dull boy. " * 2300  # about 100 KB
+    result = chat(fresh, f"\x1b[200~{paste}\x1b[201~\r/context\r")
+    [error] = error_lines(result.stderr)
+    assert "tokens; the context window is 1024" in error
+    assert int(error.split("prompt is ")[1].split(" ")[0]) > 20_000
+    assert result.stdout.endswith("tokens used\n")
+    assert stored() == []
+
+
+def test_invalid_utf8_bytes_become_replacement_characters(fresh):
+    result = chat(fresh, b"caf\xff\xfe ol\xc3\r")
+    assert result.status == 0 and not error_lines(result.stderr)
+    assert stored()[0][0] == ("user", "caf\ufffd\ufffd ol\ufffd", False)
+
+
+def test_unknown_commands_and_bad_values_are_one_line_each(fresh):
+    result = chat(fresh, "/nosuch\r/set temperature abc\r/set\r/set warmth 1\r/usr/bin?\r"
+                         "/load\r/context\r")
+    errors = error_lines(result.stderr)
+    assert len(errors) == 6
+    assert errors[0].startswith("error: unknown command /nosuch")
+    assert "bad value for temperature: 'abc'" in errors[1]
+    assert "unknown setting 'warmth'" in errors[3]
+    assert 'wrap it in """' in errors[4]
+    assert result.stdout.endswith("tokens used\n")
+    assert stored() == []
+
+
+# --- Ctrl-C at every stage -----------------------------------------------------------------
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line(fresh):
+    result = chat(fresh, "half a thought\x03/context\r")
+    assert result.status == 0
+    assert result.stdout.endswith("tokens used\n")
+    assert stored() == []
+
+
+def test_ctrl_c_while_streaming_keeps_the_partial_reply_marked_interrupted(fresh):
+    long = Sampling(temperature=0.0, max_tokens=400, ignore_eos=True)
+    result = chat(fresh, "Tell me a long story.\r/stats\r/set max_tokens 4\rThanks.\r",
+                  sampling=long,
+                  stdout=CtrlCAfter(after=30))
+    assert result.status == 0
+    assert "interrupted: the partial reply is kept" in result.stderr
+    assert "finish interrupted" in result.stdout
+    [[question, partial, thanks, _]] = stored()
+    assert partial[0] == "assistant" and partial[2] is True
+    assert 0 < len(partial[1]) < 400 and result.stdout.startswith(partial[1])
+    assert thanks == ("user", "Thanks.", False)  # the chat went on after the interruption
+
+
+def test_ctrl_c_before_the_first_token_drops_the_message(fresh):
+    class CtrlCWhenStreamStarts:
+        """The real engine; Ctrl-C is pressed as the reply's prompt starts processing."""
+
+        def __getattr__(self, name):
+            return getattr(fresh, name)
+
+        def stream(self, messages, sampling):
+            signal.raise_signal(signal.SIGINT)
+            yield from fresh.stream(messages, sampling)
+
+    result = chat(CtrlCWhenStreamStarts(), f"{QUESTION}\r/context\r")
+    assert "interrupted before the reply began" in result.stderr
+    assert result.stdout.endswith("tokens used\n")
+    assert stored() == [[]]
+
+
+def test_ctrl_c_while_a_model_loads_keeps_the_current_model(fresh, smollm2_path):
+    def interrupted_loader(name):
+        signal.raise_signal(signal.SIGINT)
+        return cli_loader(name)
+
+    result = chat(fresh, f"/model {smollm2_path}\r{QUESTION}\r",
+                  options=ReplOptions(markdown=False, load_model=interrupted_loader))
+    assert "loading interrupted: still using smollm2" in result.stderr
+    assert stored()[0][1][0] == "assistant"  # the next turn ran on the model still loaded
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def cli_loader(name: str):
+    """What `localchat run` gives the REPL for /model: resolve, find on disk, load."""
+    ref = resolve_model(name)
+    return ref.name, load_engine(EngineOptions(model_path=ensure_local(ref, offline=True),
+                                               n_ctx=512, threads=1))
+
+
+def test_an_unknown_model_is_one_line_and_the_current_model_stays(fresh):
+    result = chat(fresh, f"/model nosuchmodel\r{QUESTION}\r",
+                  options=ReplOptions(markdown=False, load_model=cli_loader))
+    [error] = error_lines(result.stderr)
+    assert "unknown model 'nosuchmodel'" in error and "still using smollm2" in error
+    assert len(stored()[0]) == 2
+
+
+def test_model_switches_and_keeps_the_conversation(fresh, smollm2_path):
+    result = chat(fresh, f"{QUESTION}\r/model {smollm2_path}\r/show\rAnd of Italy?\r",
+                  options=ReplOptions(markdown=False, load_model=cli_loader))
+    assert f"now using {smollm2_path} (context 512 tokens)" in result.stderr
+    assert "context         512 tokens" in result.stdout
+    [messages] = stored()
+    assert [role for role, _, _ in messages] == ["user", "assistant", "user", "assistant"]
+
+
+# --- the context window --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(smollm2_path):
+    loaded = load_engine(EngineOptions(model_path=smollm2_path, n_ctx=256, threads=1))
+    yield loaded
+    loaded.close()
+
+
+def test_old_exchanges_are_dropped_with_a_note_and_kept_in_the_history(small):
+    question = "Tell me about the history of the city of Paris, its rivers and its bridges. " * 3
+    result = chat(small, f"{question}\r" * 5, sampling=replace(GREEDY, max_tokens=4))
+    notes = [line for line in result.stderr.splitlines() if line.startswith("dropped")]
+    assert notes and all("context window" in note for note in notes)
+    assert len(notes) < 3  # trims go to half the window, so they are rare
+    assert not error_lines(result.stderr)
+    assert len(stored()[0]) == 10  # the history keeps every message
+
+
+# --- conversations that last ---------------------------------------------------------------
+
+
+def test_a_named_session_is_created_then_resumed_from_its_snapshot(fresh):
+    first = chat(fresh, f"{QUESTION}\r", options=ReplOptions(markdown=False, session="trip"))
+    fresh.reset_cache()  # only the snapshot can spare the re-reading now
+    second = chat(fresh, "/stats\rAnd of Italy?\r", verbose=True,
+                  options=ReplOptions(markdown=False, session="trip"))
+    assert "continuing conversation trip (1 turn(s))" in second.stderr
+    assert "resumed from a snapshot" in second.stderr
+    assert second.stdout.startswith(f">>> {QUESTION}\n{first.stdout.strip()}\n")
+    assert fresh.last_stats.cached_tokens > 40  # the first exchange was not processed again
+    [messages] = stored()
+    assert len(messages) == 4
+
+
+def test_continue_resumes_the_last_conversation(fresh):
+    chat(fresh, "Hello!\r")
+    chat(fresh, f"{QUESTION}\r")
+    result = chat(fresh, "And of Italy?\r", options=ReplOptions(markdown=False, resume_last=True))
+    assert "continuing conversation #2" in result.stderr
+    assert [len(messages) for messages in stored()] == [2, 4]
+
+
+def test_continue_with_an_empty_history_starts_a_new_conversation(fresh):
+    result = chat(fresh, "Hello!\r", options=ReplOptions(markdown=False, resume_last=True))
+    assert "no conversation to continue: starting a new one" in result.stderr
+    assert len(stored()) == 1
+
+
+def test_save_load_and_history_commands(fresh):
+    result = chat(fresh, f"{QUESTION}\r/save trip\r/clear\rHello!\r/save trip\r/history\r"
+                         "/load trip\r/load nosuch\rAnd of Italy?\r")
+    assert "saved as trip" in result.stderr
+    errors = error_lines(result.stderr)
+    assert "a conversation named 'trip' exists already" in errors[0]
+    assert "no conversation 'nosuch'" in errors[1]
+    table = result.stdout.split("ID  NAME")[1]
+    assert "trip" in table and "*" in table  # the current one is marked
+    assert "continuing conversation trip (1 turn(s))" in result.stderr
+    with open_history() as store:
+        trip = store.find_conversation("trip")
+        assert [m.content for m in store.messages(trip.id)][2] == "And of Italy?"
+
+
+def test_session_names_with_path_characters_and_no_history_are_refused(fresh):
+    with pytest.raises(UsageError, match="invalid conversation name"):
+        chat(fresh, "", options=ReplOptions(session="../etc"))
+    with pytest.raises(UsageError, match="need the history"):
+        chat(fresh, "", history=False, options=ReplOptions(session="trip"))
+
+
+def test_no_history_writes_nothing_to_disk(fresh):
+    result = chat(fresh, f"{QUESTION}\r/history\r", history=False)
+    assert "the history is off" in error_lines(result.stderr)[0]
+    assert not paths.data_dir().exists() or not any(paths.data_dir().iterdir())
+    assert not (paths.cache_dir() / "snapshots").exists()
+
+
+def test_typed_lines_are_kept_in_a_private_input_history(fresh):
+    chat(fresh, "/context\r")
+    path = paths.data_dir() / "input_history"
+    assert "/context" in path.read_text()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+# --- rendering and completion --------------------------------------------------------------
+
+
+def test_markdown_renders_on_a_terminal_and_can_be_turned_off(fresh):
+    result = chat(fresh, f"{QUESTION}\r/set markdown off\r{QUESTION}\r",
+                  options=ReplOptions(markdown=True), stdout=TerminalText())
+    styled, plain = result.stdout.split("\n\n", 1)[0], result.stdout.rsplit("\n\n", 2)[-2]
+    assert "\x1b[" in styled  # drawn by rich
+    assert "\x1b[" not in plain and plain.strip()
+
+
+def test_tab_completes_commands_settings_models_and_conversation_names(fresh):
+    chat(fresh, f"{QUESTION}\r/save trip\r")
+    with open_history() as store:
+        session = ChatSession(Request("smollm2", None, None, GREEDY, None), Environment(),
+                              ReplOptions(), store, fresh, owns_engine=False)
+        assert completions(session, "/se") == ["/set"]
+        assert completions(session, "/set te") == ["temperature"]
+        assert completions(session, "/set markdown o") == ["on", "off"]
+        assert "smollm2" in completions(session, "/model smol")
+        assert completions(session, "/load t") == ["trip"]
+        assert completions(session, "hello /se") == []
+
+
+def test_input_helpers():
+    assert block_is_open('"""') and block_is_open('"""\nabc') and not block_is_open('"""a"""')
+    assert message_text('"""\n\n  code\n"""') == "  code"
+    assert message_text("  hi  ") == "hi"
+    assert clean_text("ok\udcff") == "ok\ufffd"
+    assert clean_text("\ud800") == "?"
+
+
+def test_the_cli_starts_no_chat_with_a_prompt_and_refuses_session_there(smollm2_path,
+                                                                         python_exe):
+    import subprocess
+
+    result = subprocess.run([python_exe, "-m", "localchat", "run", str(smollm2_path), "hi",
+                             "--session", "trip"], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--session and --continue are for the interactive chat" in result.stderr
+

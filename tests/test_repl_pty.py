@@ -1,0 +1,140 @@
+"""`localchat run` with no prompt, end to end in a real pseudo-terminal: what a person sees.
+
+The terminal is pexpect's pty. prompt-toolkit asks the terminal where the cursor is (CPR,
+ESC[6n) before it draws the toolbar; `Terminal.wait` answers like a real terminal would.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from localchat.history import open_history
+
+pytestmark = pytest.mark.slow
+
+CURSOR_QUERY = re.escape("\x1b[6n")
+QUESTION = "What is the capital of France?"
+# Greedy, short, one thread (faster than two spinning threads on a busy CPU), a small window.
+CHAT = ["--temperature", "0", "--max-tokens", "40", "--threads", "1", "--ctx", "1024"]
+AFTER_A_REPLY = r"\d+ / 1024 tokens · [\d.,]+ tok/s"  # the toolbar, once a reply has a speed
+
+
+class Terminal:
+    """`localchat run MODEL ARGS` in a pty, with everything it printed kept in `screen`."""
+
+    def __init__(self, model, *args: str) -> None:
+        self.screen = io.StringIO()
+        self.child = pexpect.spawn(
+            sys.executable, ["-m", "localchat", "run", str(model), *args],
+            env={**os.environ, "TERM": "xterm"}, dimensions=(24, 100), encoding="utf-8",
+            timeout=90,
+        )
+        self.child.logfile_read = self.screen
+
+    def wait(self, pattern: str) -> str:
+        """Read until `pattern` (a regex) shows up; answer cursor-position queries meanwhile."""
+        while self.child.expect([CURSOR_QUERY, pattern]) == 0:
+            self.child.send("\x1b[1;1R")
+        return self.child.match.group(0)
+
+    def type(self, keys: str) -> None:
+        self.child.send(keys)
+
+    def leave(self, keys: str = "\x04") -> int:
+        """Press Ctrl-D (or type `keys`), wait for the end, and return the exit status."""
+        self.child.send(keys)
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        return self.child.exitstatus
+
+
+def saved_messages() -> list[tuple[str, str, bool]]:
+    with open_history() as store:
+        [summary] = store.list_conversations()
+        return [(m.role, m.content, m.interrupted) for m in store.messages(summary.id)]
+
+
+def test_a_chat_streams_replies_takes_commands_and_leaves_on_ctrl_d(smollm2_path):
+    terminal = Terminal(smollm2_path, *CHAT, "--no-markdown")
+    terminal.wait("Ctrl-D to leave")
+    terminal.wait(">>>")
+    terminal.type(f"{QUESTION}\r")
+    terminal.wait(AFTER_A_REPLY)
+    terminal.type("/stats\r")
+    terminal.wait("reused from the cache")
+    terminal.type("/set temperature abc\r")
+    terminal.wait(re.escape("bad value for temperature: 'abc'"))
+    terminal.type("/nosuch\r")
+    terminal.wait("unknown command /nosuch")
+    terminal.type("/cont")
+    terminal.wait("/cont")
+    terminal.type("\t")  # Tab completes the command; the terminal redraws only what changed
+    terminal.wait("ext")
+    terminal.type("\r")
+    terminal.wait(r"\d+ / 1024 tokens used")
+    terminal.type("half a thought")
+    terminal.wait("half a thought")
+    terminal.type("\x03")  # Ctrl-C at the prompt: the line is gone, nothing is sent
+    terminal.type("/context\r")
+    terminal.wait(r"\d+ / 1024 tokens used")
+    assert terminal.leave() == 0
+    [question, reply] = saved_messages()
+    assert question == ("user", QUESTION, False)
+    assert reply[0] == "assistant" and reply[1] and not reply[2]
+    assert reply[1] in terminal.screen.getvalue().replace("\r\n", "\n")
+    assert "Traceback" not in terminal.screen.getvalue()
+
+
+def test_ctrl_c_mid_answer_keeps_the_partial_reply_and_the_chat_goes_on(smollm2_path):
+    terminal = Terminal(smollm2_path, "--temperature", "0", "--threads", "1", "--ctx", "1024",
+                        "--ignore-eos", "--max-tokens", "2000", "--no-markdown")
+    terminal.wait(">>>")
+    terminal.type("Tell me a long story.\r")
+    terminal.wait(re.escape("\x1b[?2004l"))  # the prompt is done; the reply comes next
+    terminal.wait(r"\w+ \w+ \w+")  # a few words have streamed in
+    terminal.type("\x03")
+    terminal.wait("interrupted: the partial reply is kept")
+    terminal.type("/stats\r")
+    terminal.wait("finish interrupted")
+    assert terminal.leave("/bye\r") == 0
+    [_, (role, partial, interrupted)] = saved_messages()
+    assert role == "assistant" and interrupted and partial
+    assert len(partial) < 2000  # far from the 2,000 tokens it was asked for
+
+
+def test_markdown_session_resume_and_model_switch(smollm2_path):
+    first = Terminal(smollm2_path, *CHAT, "--session", "trip")
+    first.wait(">>>")
+    first.type(f"{QUESTION}\r")
+    first.wait(AFTER_A_REPLY)
+    first.type("/model nosuchmodel\r")
+    first.wait(r"unknown model 'nosuchmodel'.*still using")
+    first.type(f"/model {smollm2_path}\r")
+    first.wait("now using")
+    assert first.leave() == 0
+
+    second = Terminal(smollm2_path, *CHAT, "--session", "trip", "--verbose")
+    second.wait(re.escape("continuing conversation trip (1 turn(s))"))
+    second.wait("resumed from a snapshot")
+    second.wait(">>>")
+    second.type("/context\r")
+    second.wait(r"\d+ / 1024 tokens used")
+    assert second.leave("/exit\r") == 0
+    assert len(saved_messages()) == 2
+
+
+def test_piped_stdin_is_a_one_shot_prompt_not_a_chat(smollm2_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "localchat", "run", str(smollm2_path), *CHAT],
+        input="Say hello.", capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert ">>>" not in result.stdout and "Ctrl-D" not in result.stderr
