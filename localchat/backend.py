@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +83,6 @@ def route_llama_logs(llama_cpp: Any, verbose: bool) -> None:
 
         _log_callback = llama_cpp.llama_log_callback(forward)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        import contextlib
-
         from llama_cpp import _internals
         from llama_cpp import llama as llama_module
 
@@ -117,3 +119,23 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise it.
+
+    llama.cpp calls back into Python to log while it loads; a KeyboardInterrupt raised inside
+    that callback is swallowed by ctypes ("Exception ignored"), so Ctrl-C would be lost.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -135,39 +137,122 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Timings and llama.cpp logs on stderr.")] = False,
     offline: OfflineOption = False,
+    endpoint: Annotated[str | None, typer.Option(
+        help="Use the OpenAI-compatible server at URL; MODEL is then its model id.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Key for --endpoint. [default: $LOCALCHAT_API_KEY]")] = None,
+    no_history: Annotated[bool, typer.Option(
+        "--no-history", help="Write nothing to the history. [default: config `history`]")] = False,
+    session: Annotated[str | None, typer.Option(
+        help="Chat in the conversation NAME: created, or resumed if it exists.")] = None,
+    continue_last: Annotated[bool, typer.Option(
+        "--continue", help="Chat on in the last conversation.")] = False,
+    no_markdown: Annotated[bool, typer.Option(
+        "--no-markdown", help="Show the chat's replies as raw text.")] = False,
 ) -> None:
-    """Run a model on PROMPT (and piped stdin) and stream the reply; pulls it if missing."""
+    """Chat at a terminal, or stream a reply to PROMPT (and piped stdin); pulls MODEL if missing."""
     from localchat import oneshot
-    from localchat.catalog import resolve_model
+    from localchat.catalog import ModelDefaults, resolve_model
     from localchat.config import load_config
 
     env = Environment()
     config = load_config()
-    ref = resolve_model(model or config.model or DEFAULT_MODEL)
-    sampling = oneshot.sampling_from(config, ref.defaults, temperature=temperature, top_p=top_p,
+    interactive = prompt is None and env.stdin_isatty and not json_output
+    if (session is not None or continue_last) and not interactive:
+        raise UsageError("--session and --continue are for the interactive chat",
+                         "leave out PROMPT and run at a terminal")
+    ref = None if endpoint else resolve_model(model or config.model or DEFAULT_MODEL)
+    sampling = oneshot.sampling_from(config, ref.defaults if ref else ModelDefaults(),
+                                     temperature=temperature, top_p=top_p,
                                      top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
                                      seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
                                      ignore_eos=ignore_eos)
-    request = oneshot.Request(
-        model=ref.name, prompt=prompt, system=system if system is not None else config.system,
-        sampling=sampling,
-        engine=oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
-                                           threads=threads, gpu_layers=gpu_layers, cpu=cpu,
-                                           mmap=mmap, mlock=mlock, chat_format=chat_format,
-                                           verbose=verbose),
-        json_output=json_output, verbose=verbose,
-    )  # every flag is validated above, before a download can start
-    path = ensure_local(ref, offline=offline, env=env)
-    request = replace(request, engine=replace(request.engine, model_path=path))
-    raise typer.Exit(oneshot.run_once(request, env))
+    if ref is None:  # the server owns the model: no catalog, no download
+        from localchat.remote import remote_options
+
+        request = oneshot.Request(
+            model=model or "", prompt=prompt, sampling=sampling, engine=None,
+            system=system if system is not None else config.system, json_output=json_output,
+            verbose=verbose, remote=remote_options(endpoint or "", model, api_key),
+            history=not no_history and config.history is not False)
+    else:
+        request = oneshot.Request(
+            model=ref.name, prompt=prompt, system=system if system is not None else config.system,
+            sampling=sampling,
+            engine=oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
+                                               threads=threads, gpu_layers=gpu_layers, cpu=cpu,
+                                               mmap=mmap, mlock=mlock, chat_format=chat_format,
+                                               verbose=verbose),
+            json_output=json_output, verbose=verbose,
+            history=not no_history and config.history is not False,
+        )  # every flag is validated above, before a download can start
+        path = ensure_local(ref, offline=offline, env=env)
+        request = replace(request, engine=replace(request.engine, model_path=path))
+    if not interactive:
+        raise typer.Exit(oneshot.run_once(request, env))
+
+    def load_model(name: str) -> tuple[str, Any]:  # /model NAME in the chat
+        if ref is None:
+            from localchat.remote import RemoteEngine, remote_options
+
+            return name, RemoteEngine(remote_options(endpoint or "", name, api_key))
+        new = resolve_model(name)
+        return new.name, oneshot.load_engine(oneshot.engine_options_from(
+            config, new.defaults, ensure_local(new, offline=offline, env=env), ctx=ctx,
+            threads=threads, gpu_layers=gpu_layers, cpu=cpu, mmap=mmap, mlock=mlock,
+            chat_format=chat_format, verbose=verbose))
+
+    from localchat import repl
+
+    raise typer.Exit(repl.run_repl(request, env, repl.ReplOptions(
+        markdown=not no_markdown and config.markdown is not False, session=session,
+        resume_last=continue_last, load_model=load_model)))
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Argument(help="As for run. [default: smollm2]",
+                                                autocompletion=_complete_model)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8080,
+    api_key: Annotated[str | None, typer.Option(
+        help="Require this key. [default: $LOCALCHAT_API_KEY]")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
+    threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
+    gpu_layers: Annotated[int | None, typer.Option(help="[default: all, with a GPU]")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Force CPU only.")] = False,
+    chat_format: Annotated[str | None, typer.Option(help="Override the chat template.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="llama.cpp logs.")] = False,
+    offline: OfflineOption = False,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions and more)."""
+    from localchat import oneshot, server
+    from localchat.catalog import resolve_model
+    from localchat.config import load_config
+
+    env, config = Environment(), load_config()
+    ref = resolve_model(model or config.model or DEFAULT_MODEL)
+    defaults = oneshot.sampling_from(config, ref.defaults, temperature=None, top_p=None, top_k=None,
+                                     min_p=None, repeat_penalty=None, seed=None, max_tokens=None,
+                                     stop=(), ignore_eos=False)  # what `run` would use
+    settings = server.serve_settings(host, port, api_key, ref.name, defaults)
+    options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
+                                          threads=threads, gpu_layers=gpu_layers, cpu=cpu,
+                                          mmap=None, mlock=False, chat_format=chat_format,
+                                          verbose=verbose)
+    options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
+    raise typer.Exit(server.serve_model(options, settings,
+                                        lambda line: render.print_note(env, line)))
 
 
 @app.command()
 def bench(
     model: Annotated[str | None, typer.Argument(help="As for run. [default: smollm2]",
                                                 autocompletion=_complete_model)] = None,
-    prompt_tokens: Annotated[int, typer.Option("-p", help="Prompt size in tokens.")] = 512,
-    gen_tokens: Annotated[int, typer.Option("-n", help="Tokens to generate.")] = 128,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p",
+                                               help="Prompt size in tokens.")] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-n",
+                                            help="Tokens to generate.")] = 128,
     repetitions: Annotated[int, typer.Option(help="Measured runs after a warm-up.")] = 5,
     threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
@@ -289,6 +374,110 @@ def rm(model: ModelArgument) -> None:
     env = Environment()
     freed = store.remove_model(resolve_model(model, allow_path=False))
     render.print_note(env, f"removed {model} ({render.format_bytes(freed)} freed)")
+
+
+# ---- `localchat history`: the saved conversations ----------------------------------------------
+
+history_app = typer.Typer(help="Saved conversations; with no command, the most recent ones.",
+                          context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(history_app, name="history")
+ConversationArgument = Annotated[str, typer.Argument(help="Conversation name or id.")]
+LimitOption = Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many.")]
+
+
+@contextmanager
+def _history() -> Iterator[Any]:
+    """The history database, or None when nothing was ever saved (reading creates nothing)."""
+    from localchat.history import default_history_path, open_history
+
+    path = default_history_path()
+    if not path.exists():
+        yield None
+        return
+    with open_history(path) as store:
+        yield store
+
+
+def _conversation(store: Any, name_or_id: str) -> Any:
+    found = store.find_conversation(name_or_id.removeprefix("#")) if store else None
+    if found is None:
+        raise LocalchatError(f"no conversation {name_or_id!r} in the history",
+                             "list them with `localchat history`")
+    return found
+
+
+@history_app.callback(invoke_without_command=True)
+def history_list(ctx: typer.Context, limit: LimitOption = 20) -> None:
+    """Recent conversations, newest first (the default when no command is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    env = Environment()
+    with _history() as store:
+        summaries = store.list_conversations(limit) if store else []
+    if not summaries:
+        render.print_note(env, "no conversations yet: each `localchat run` is saved here")
+        return
+    render.print_table(env, ["ID", "NAME", "MODEL", "TURNS", "LAST MESSAGE", "UPDATED"], [
+        [str(s.id), s.name or "-", s.model, str(s.turn_count), s.last_message or "-",
+         render.format_when(s.updated_at)] for s in summaries])
+
+
+@history_app.command("show")
+def history_show(conversation: ConversationArgument) -> None:
+    """The whole transcript of a conversation."""
+    env = Environment()
+    with _history() as store:
+        record = _conversation(store, conversation)
+        messages = store.messages(record.id)
+    fields = [("conversation", f"{record.name} (id {record.id})" if record.name else
+               f"id {record.id}"), ("model", record.model),
+              ("started", render.format_when(record.created_at)),
+              ("turns", str(sum(message.role == "user" for message in messages)))]
+    if record.system_prompt:
+        fields.append(("system prompt", record.system_prompt))
+    render.print_fields(env, fields)
+    print(file=env.stdout)
+    render.print_transcript(env, messages)
+
+
+@history_app.command("search")
+def history_search(
+    words: Annotated[list[str], typer.Argument(help="Words to find (all of them, any form).")],
+    limit: LimitOption = 20,
+) -> None:
+    """Full-text search over everything said, best match first."""
+    env, text = Environment(), " ".join(words)
+    with _history() as store:
+        hits = store.search(text, limit) if store else []
+    if not hits:
+        render.print_note(env, f"nothing in the history matches {text!r}")
+        return
+    render.print_table(env, ["ID", "NAME", "ROLE", "WHEN", "MATCH"], [
+        [str(hit.conversation_id), hit.conversation_name or "-", hit.role,
+         render.format_when(hit.created_at), " ".join(hit.snippet.split())] for hit in hits])
+
+
+@history_app.command("export")
+def history_export(
+    conversation: ConversationArgument,
+    format: Annotated[str, typer.Option("--format", "-f", help="md or json.")] = "md",
+) -> None:
+    """Print a conversation as Markdown or JSON."""
+    env = Environment()
+    with _history() as store:
+        text = store.export_conversation(_conversation(store, conversation).id, format)
+    env.stdout.write(text.rstrip("\n") + "\n")
+
+
+@history_app.command("rm")
+def history_rm(conversation: ConversationArgument) -> None:
+    """Delete a conversation, its messages and its KV-cache snapshots."""
+    env = Environment()
+    with _history() as store:
+        record = _conversation(store, conversation)
+        removed = store.delete_conversation(record.id)
+    snapshots = f" and {len(removed)} snapshot file(s)" if removed else ""
+    render.print_note(env, f"removed conversation {conversation}{snapshots}")
 
 
 def _debug_requested(argv: list[str]) -> bool:

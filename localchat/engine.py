@@ -20,6 +20,7 @@ from typing import Any
 from localchat import templates
 from localchat.backend import (
     compiled_backend,
+    deferred_interrupts,
     import_llama_cpp,
     physical_core_count,
     route_llama_logs,
@@ -171,11 +172,12 @@ class LocalEngine:
         )
         started = time.perf_counter()
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(options.model_path), n_ctx=n_ctx, n_batch=options.batch_size,
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
-                use_mmap=options.use_mmap, use_mlock=options.use_mlock, verbose=False,
-            )
+            with deferred_interrupts():
+                self._llama = llama_cpp.Llama(
+                    model_path=str(options.model_path), n_ctx=n_ctx, n_batch=options.batch_size,
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
+                    use_mmap=options.use_mmap, use_mlock=options.use_mlock, verbose=False,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(
                 f"llama.cpp could not load {options.model_path}: {exc}",
@@ -207,6 +209,7 @@ class LocalEngine:
 
     def tokenize_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Tokens of the formatted prompt, with special tokens parsed and one BOS at most."""
+        self._check_open()
         text = self.format_prompt(messages)
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
@@ -222,9 +225,20 @@ class LocalEngine:
 
     def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling) -> Iterator[str]:
         """Yield the reply as text pieces; `last_stats` is set when the generator ends."""
+        return self._stream(lambda: self.tokenize_messages(messages), sampling, chat=True)
+
+    def stream_text(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+        """Continue raw text with no chat template (`/v1/completions`, base models)."""
+        # special=True: a raw prompt may spell out a template's tokens, as llama-server allows
+        return self._stream(
+            lambda: self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True),
+            sampling, chat=False)
+
+    def _stream(self, tokenize: Any, sampling: Sampling, chat: bool) -> Iterator[str]:
+        self._check_open()
         sampling.validate()
         cursor = _Cursor(started=time.perf_counter())
-        tokens = self.tokenize_messages(messages)
+        tokens = tokenize()
         cursor.prompt_tokens = len(tokens)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
@@ -232,19 +246,24 @@ class LocalEngine:
                 f"shorten the input or raise --ctx (this model was trained on "
                 f"{self.info.n_ctx_train})",
             )
+        return self._generate(tokens, sampling, cursor, chat)
+
+    def _generate(self, tokens: list[int], sampling: Sampling, cursor: _Cursor,
+                  chat: bool) -> Iterator[str]:
         try:
-            yield from self._decode(tokens, sampling, cursor)
+            yield from self._decode(tokens, sampling, cursor, chat)
         finally:
             self.last_stats = self._stats(cursor)
 
-    def _decode(self, tokens: list[int], sampling: Sampling, cursor: _Cursor) -> Iterator[str]:
+    def _decode(self, tokens: list[int], sampling: Sampling, cursor: _Cursor,
+                chat: bool) -> Iterator[str]:
         llama = self._llama
         cursor.cached_tokens = self._reuse_prefix(tokens)
         sampler = self._sampler(sampling)
-        stops = tuple(sampling.stop) + self.template.stops
+        stops = tuple(sampling.stop) + (self.template.stops if chat else ())
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         held = ""  # text that might be the start of a stop string
-        leading = True
+        leading = chat  # a chat reply starts at its first visible character
         prefill_started = time.perf_counter()
         llama.eval(tokens[cursor.cached_tokens:])
         cursor.prefill_s = time.perf_counter() - prefill_started
@@ -349,9 +368,53 @@ class LocalEngine:
         """Forget the KV cache, so the next prompt is evaluated from its first token."""
         self._llama.reset()
 
+    def export_state(self) -> tuple[list[int], bytearray]:
+        """The tokens in the KV cache and llama.cpp's serialized cache of them, for a snapshot."""
+        llama, ctx = self._llama, self._llama._ctx.ctx
+        # Only sequence 0's KV cells, no logits: the next reply re-evaluates its last prompt token.
+        llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)  # cells past n_tokens are stale
+        tokens = llama.input_ids[: llama.n_tokens].tolist()
+        size = self._llama_cpp.llama_state_seq_get_size(ctx, 0)
+        data = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = self._llama_cpp.llama_state_seq_get_data(ctx, view, size, 0)
+        del view  # a bytearray cannot shrink while a ctypes view holds its buffer
+        if not 0 < written <= size:
+            raise EngineError("llama.cpp could not copy its KV cache state")
+        del data[written:]
+        return tokens, data
+
+    def import_state(self, tokens: Sequence[int], data: bytes | bytearray | memoryview) -> None:
+        """Load what `export_state` gave; the next reply reuses the KV cache of `tokens`."""
+        llama = self._llama
+        if not 0 < len(tokens) < self.n_ctx:
+            raise EngineError(f"a saved state of {len(tokens)} tokens does not fit n_ctx "
+                              f"{self.n_ctx}")
+        llama.reset()
+        array = ctypes.c_uint8 * len(data)
+        try:
+            view = array.from_buffer(data)  # no copy; ctypes insists on a writable buffer
+        except TypeError:
+            view = array.from_buffer_copy(data)
+        # llama.cpp checks the layout (layers, types, row sizes, cell count) and, on a mismatch,
+        # empties the sequence and returns 0 rather than loading half a cache.
+        loaded = self._llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, view, len(data), 0)
+        del view  # let go of the caller's buffer (an mmap cannot close while one is held)
+        if not loaded:
+            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+            raise EngineError("llama.cpp refused the saved KV cache state")
+        llama.input_ids[: len(tokens)] = tokens
+        llama.n_tokens = len(tokens)
+
     def close(self) -> None:
         """Free the model and its context now rather than at garbage collection."""
+        self._closed = True
         self._llama.close()
+
+    def _check_open(self) -> None:
+        # llama.cpp dereferences freed memory (a segfault) when a closed model is used
+        if getattr(self, "_closed", False):
+            raise EngineError("the model was already unloaded", "load it again")
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localchat.catalog import ModelDefaults
 from localchat.config import Config
 from localchat.engine import EngineOptions, LocalEngine, Sampling
-from localchat.errors import ExitStatus, UsageError
+from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import (
     Environment,
     TextSink,
@@ -20,6 +20,11 @@ from localchat.render import (
     stats_record,
 )
 
+if TYPE_CHECKING:
+    from localchat.engine import GenerationStats
+    from localchat.history import HistoryStore
+    from localchat.remote import Engine, RemoteOptions
+
 
 @dataclass(frozen=True)
 class Request:
@@ -29,9 +34,11 @@ class Request:
     prompt: str | None
     system: str | None
     sampling: Sampling
-    engine: EngineOptions
+    engine: EngineOptions | None  # None with `remote`
     json_output: bool = False
     verbose: bool = False
+    remote: RemoteOptions | None = None  # --endpoint: an OpenAI-compatible server instead
+    history: bool = False  # record the exchange in the history database
 
 
 def _pick(*candidates: Any) -> Any:
@@ -91,6 +98,16 @@ def load_engine(options: EngineOptions) -> LocalEngine:
     return LocalEngine(options, info)
 
 
+def open_engine(request: Request) -> Engine:
+    """The local model through `load_engine`, or the server `--endpoint` names."""
+    if request.remote is not None:
+        from localchat.remote import RemoteEngine
+
+        return RemoteEngine(request.remote)
+    assert request.engine is not None  # the CLI gives one or the other
+    return load_engine(request.engine)
+
+
 def run_once(request: Request, env: Environment) -> int:
     """Generate one reply to the prompt; return the exit status."""
     text = compose_prompt(read_piped_input(env), request.prompt)
@@ -99,7 +116,7 @@ def run_once(request: Request, env: Environment) -> int:
             "nothing to send: the prompt is empty",
             'give a PROMPT, e.g. localchat run MODEL "hello", or pipe text on stdin',
         )
-    engine = load_engine(request.engine)
+    engine = open_engine(request)
     if request.verbose:
         info = engine.info
         print_note(env, f"model {info.model_path} · ctx {info.n_ctx} · {info.threads} threads · "
@@ -107,6 +124,7 @@ def run_once(request: Request, env: Environment) -> int:
                         f"({info.chat_format_source})")
     messages = [{"role": "system", "content": request.system}] if request.system else []
     messages.append({"role": "user", "content": text})
+    recording = start_recording(request, env, text) if request.history else None
     sink = None if request.json_output else TextSink(env)
     pieces: list[str] = []
     stream = engine.stream(messages, request.sampling)
@@ -117,7 +135,15 @@ def run_once(request: Request, env: Environment) -> int:
                 sink.write(piece)
     except KeyboardInterrupt:
         stream.close()
+    except LocalchatError:  # a remote stream that broke off: keep what arrived, then say why
+        if recording:
+            finish_recording(recording, env, "".join(pieces), engine.last_stats)
+        if sink:
+            sink.finish()
+        raise
     stats = engine.last_stats
+    if recording:
+        finish_recording(recording, env, "".join(pieces), stats)
     if sink:
         sink.finish()
     if stats is None:  # interrupted before the prompt was even tokenized
@@ -127,3 +153,57 @@ def run_once(request: Request, env: Environment) -> int:
     elif request.verbose or stats.finish_reason == "interrupted":
         print_note(env, format_stats(engine.info, stats))
     return ExitStatus.INTERRUPTED if stats.finish_reason == "interrupted" else ExitStatus.OK
+
+
+# Recording the exchange in the history: the user's message is committed before generation, the
+# reply when it ends, finished or interrupted. History never breaks a run: any failure is one
+# note on stderr and the run goes on without it.
+
+
+@dataclass(frozen=True)
+class Recording:
+    """An open history and the conversation this run is written to."""
+
+    store: HistoryStore
+    conversation_id: int
+
+
+def start_recording(request: Request, env: Environment, text: str) -> Recording | None:
+    """Start a conversation holding the user's message; None (after a note) if history fails."""
+    from localchat.history import open_history
+
+    try:
+        store = open_history()
+    except LocalchatError as exc:
+        _history_note(env, "not saved to the history", exc)
+        return None
+    try:
+        conversation = store.create_conversation(
+            request.model, request.system, settings={"mode": "run", **asdict(request.sampling)})
+        store.add_message(conversation.id, "user", text)
+    except LocalchatError as exc:
+        store.close()
+        _history_note(env, "not saved to the history", exc)
+        return None
+    return Recording(store, conversation.id)
+
+
+def finish_recording(recording: Recording, env: Environment, reply: str,
+                     stats: GenerationStats | None) -> None:
+    """Commit the reply with its token count and timings, then close the history."""
+    try:
+        recording.store.add_message(
+            recording.conversation_id, "assistant", reply,
+            token_count=stats.completion_tokens if stats else None,
+            timings=asdict(stats) if stats else None,
+            interrupted=stats is None or stats.finish_reason == "interrupted",
+        )
+    except LocalchatError as exc:
+        _history_note(env, "the reply was not saved to the history", exc)
+    finally:
+        recording.store.close()
+
+
+def _history_note(env: Environment, what: str, error: LocalchatError) -> None:
+    hint = f" ({error.hint})" if error.hint else ""
+    print_note(env, f"note: {what}: {error.message}{hint}")

@@ -248,3 +248,20 @@ def model_fields(ref: Any, info: Any, memory: Any, n_ctx: int,
         need += f"; {format_bytes(available)} available now: {verdict}"
     fields.append(("memory", need))
     return fields
+
+
+# ---- history: `localchat history` listings and transcripts ----------------------------------
+
+
+def format_when(moment: Any) -> str:
+    """A stored UTC datetime as local `YYYY-MM-DD HH:MM`."""
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def print_transcript(env: Environment, messages: list[Any]) -> None:
+    """Each message as a role line (bold on a terminal) and its text, a blank line between."""
+    bold = _isatty(env.stdout) and not os.environ.get("NO_COLOR")
+    for message in messages:
+        label = f"{message.role}:" + (" (interrupted)" if message.interrupted else "")
+        print(f"\x1b[1m{label}\x1b[0m" if bold else label, file=env.stdout)
+        print(message.content.rstrip("\n"), end="\n\n", file=env.stdout)
