@@ -149,6 +149,9 @@ def run(
         "--continue", help="Chat on in the last conversation.")] = False,
     no_markdown: Annotated[bool, typer.Option(
         "--no-markdown", help="Show the chat's replies as raw text.")] = False,
+    local: Annotated[bool, typer.Option(
+        "--local", help="Run on this machine even when config.toml has a [remote] section.")
+    ] = False,
 ) -> None:
     """Chat at a terminal, or stream a reply to PROMPT (and piped stdin); pulls MODEL if missing."""
     from localchat import oneshot
@@ -161,6 +164,8 @@ def run(
     if (session is not None or continue_last) and not interactive:
         raise UsageError("--session and --continue are for the interactive chat",
                          "leave out PROMPT and run at a terminal")
+    if not local and endpoint is None and config.remote_endpoint:
+        endpoint, model = config.remote_endpoint, model or config.remote_model
     ref = None if endpoint else resolve_model(model or config.model or DEFAULT_MODEL)
     sampling = oneshot.sampling_from(config, ref.defaults if ref else ModelDefaults(),
                                      temperature=temperature, top_p=top_p,

@@ -33,6 +33,8 @@ class Config:
     markdown: bool | None = None
     history: bool | None = None
     snapshot_cap_mb: int | None = None  # KV-cache snapshots kept for resuming chats (LRU)
+    remote_endpoint: str | None = None  # [remote] endpoint: run talks to this server by default
+    remote_model: str | None = None  # [remote] model: the server's model id
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -42,6 +44,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "top_k": (int,), "seed": (int,), "max_tokens": (int,), "threads": (int,), "ctx": (int,),
     "gpu_layers": (int,),
     "mmap": (bool,), "markdown": (bool,), "history": (bool,), "snapshot_cap_mb": (int,),
+    "remote_endpoint": (str,), "remote_model": (str,),
 }
 
 EXAMPLE = """\
@@ -67,6 +70,16 @@ def load_config(path: Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}", "fix the TOML syntax on that line") from exc
+    remote = data.pop("remote", {})
+    if not isinstance(remote, dict):
+        raise ConfigError(f"{path}, line {_line_of(text, 'remote')}: 'remote' must be a table",
+                          '[remote]\nendpoint = "http://gpu-box:8000/v1"')
+    for key, value in remote.items():
+        if key not in ("endpoint", "model") or not isinstance(value, str):
+            raise ConfigError(f"{path}, line {_line_of(text, key)}: [remote] takes "
+                              f"endpoint and model as text (got '{key}')",
+                              "the API key goes in $LOCALCHAT_API_KEY, never in a file")
+        data[f"remote_{key}"] = value
     known = {f.name for f in fields(Config)}
     values: dict[str, Any] = {}
     for key, value in data.items():

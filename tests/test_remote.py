@@ -399,3 +399,30 @@ def test_run_endpoint_faults_are_one_line_errors(fake_server):
         store.close()
     assert [(m.role, m.content, m.interrupted) for m in messages] == [
         ("user", "hi", False), ("assistant", "Part", True)]  # kept, and marked
+
+
+def test_config_remote_section_is_the_default_and_local_overrides_it(fake_server, isolated_home,
+                                                                     smollm2_path):
+    server = fake_server({
+        ("GET", "/v1/models"): models({"id": "m", "max_model_len": 2048}),
+        ("POST", "/v1/chat/completions"): sse(delta("From afar"), delta(finish="stop")),
+    })
+    config = isolated_home / "config" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f'[remote]\nendpoint = "{server.url}"\nmodel = "m"\n')
+    remote = localchat("run", "m", "hi")  # no --endpoint: the config's server
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == "From afar\n"
+    assert server.requests[-1]["body"]["model"] == "m"
+    local = localchat("run", str(smollm2_path), "hi", "--local", "--max-tokens", "4", "--json")
+    assert local.returncode == 0, local.stderr
+    assert json.loads(local.stdout)["backend"] == "CPU"
+
+
+def test_config_remote_section_refuses_a_key(isolated_home):
+    config = isolated_home / "config" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text('[remote]\nendpoint = "http://127.0.0.1:9/v1"\napi_key = "s3cret"\n')
+    result = localchat("run", "hi")
+    assert result.returncode == 1
+    assert "line 3" in result.stderr and "LOCALCHAT_API_KEY" in result.stderr
