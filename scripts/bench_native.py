@@ -6,8 +6,7 @@ llama-cpp-python version, with the CMake flags scripts/llama_build_flags.py prin
 the Python binding was built with), and caches the build under
 ~/.cache/localchat-build/native-<version>-<hash of the flags>. Then it runs:
 
-- `llama-bench` (kernels only, no sampling) beside `localchat bench --json`: prefill and decode,
-  with flash attention on (llama.cpp's default on a CPU) and off (llama-cpp-python's default);
+- `llama-bench` (kernels only, no sampling) beside `localchat bench --json`: prefill and decode;
 - `llama-cli -st --simple-io --temp 0 --ignore-eos -n N` (end to end, sampling and printing
   included) beside `localchat run --ignore-eos -n N --json`, at each N of --gen;
 
@@ -67,17 +66,17 @@ class Row:
 # --- parsers (tested on canned output in tests/test_bench.py) ---------------------------
 
 def parse_llama_bench_json(text: str) -> dict[str, float]:
-    """t/s by test from `llama-bench -o json`: "pp", "tg" ("pp fa=0", "tg fa=1" under -fa)."""
+    """{"pp": t/s, "tg": t/s} from `llama-bench -o json` output (a JSON array of tests)."""
     start = text.find("[")
     if start < 0:
         raise ValueError("no JSON array in llama-bench output")
     tests, _ = json.JSONDecoder().raw_decode(text[start:])  # stderr's log may follow
     rates: dict[str, float] = {}
     for test in tests:
-        kind = "pp" if test.get("n_prompt") and not test.get("n_gen") else "tg"
-        flash_attn = test.get("flash_attn", -1)  # -1: auto, llama.cpp's default
-        key = kind if flash_attn in (-1, None) else f"{kind} fa={int(flash_attn)}"
-        rates[key] = float(test["avg_ts"])
+        kind = "pp" if test.get("n_prompt", 0) and not test.get("n_gen", 0) else "tg"
+        if test.get("n_prompt", 0) and test.get("n_gen", 0):
+            kind = "pg"
+        rates[kind] = float(test["avg_ts"])
     return rates
 
 
@@ -168,22 +167,14 @@ def localchat(*args: str) -> dict:
 
 def compare_bench(bin_dir: Path, model: str, threads: int, prompt: int, gen: int,
                   repetitions: int) -> list[Row]:
-    """localchat bench vs llama-bench: prefill (pp) and decode (tg), flash attention on and off.
-
-    llama.cpp's default (auto) turns flash attention on for the CPU; llama-cpp-python's
-    `Llama` turns it off, so both are shown.
-    """
+    """localchat bench vs llama-bench: prefill (pp) and decode (tg)."""
     native = parse_llama_bench_json(run_text([
         str(bin_dir / "llama-bench"), "-m", model, "-p", str(prompt), "-n", str(gen),
-        "-t", str(threads), "-r", str(repetitions), "-fa", "1,0", "-o", "json"])[0])
+        "-t", str(threads), "-r", str(repetitions), "-o", "json"])[0])
     ours = localchat("bench", model, "-p", str(prompt), "-n", str(gen),
                      "--repetitions", str(repetitions), "--threads", str(threads))
-    return [Row(f"prefill pp{prompt} vs fa=on", ours["prefill_tokens_per_s"],
-                native.get("pp fa=1")),
-            Row(f"prefill pp{prompt} vs fa=off", ours["prefill_tokens_per_s"],
-                native.get("pp fa=0")),
-            Row(f"decode tg{gen} vs fa=on", ours["decode_tokens_per_s"], native.get("tg fa=1")),
-            Row(f"decode tg{gen} vs fa=off", ours["decode_tokens_per_s"], native.get("tg fa=0"))]
+    return [Row(f"prefill pp{prompt} (bench)", ours["prefill_tokens_per_s"], native.get("pp")),
+            Row(f"decode tg{gen} (bench)", ours["decode_tokens_per_s"], native.get("tg"))]
 
 
 def compare_run(bin_dir: Path, model: str, threads: int, gen: int, ctx: int) -> Row:

@@ -221,7 +221,7 @@ LLAMA_BENCH_JSON = """[
   {
     "build_commit": "0c1e570", "build_number": 1, "cpu_info": "Intel(R) Xeon(R) Processor",
     "model_filename": "SmolLM2-135M-Instruct.Q4_1.gguf", "model_type": "llama 135M Q4_1",
-    "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "type_k": "f16", "flash_attn": -1,
+    "n_batch": 2048, "n_ubatch": 512, "n_threads": 2,
     "n_prompt": 512, "n_gen": 0, "n_depth": 0,
     "test_time": "2025-11-28T11:00:00Z", "avg_ns": 2133333333, "stddev_ns": 1000,
     "avg_ts": 240.012345, "stddev_ts": 1.5,
@@ -257,11 +257,6 @@ common_perf_print:        eval time =    2800.00 ms /   255 runs   (   10.98 ms 
 
 def test_llama_bench_json_parser(native):
     assert native.parse_llama_bench_json(LLAMA_BENCH_JSON) == {"pp": 240.012345, "tg": 105.0}
-    flash_attn_both = json.loads(LLAMA_BENCH_JSON) * 2
-    for test, flag in zip(flash_attn_both, (1, 1, 0, 0), strict=True):
-        test["flash_attn"] = flag
-    assert native.parse_llama_bench_json(json.dumps(flash_attn_both)) == {
-        "pp fa=1": 240.012345, "tg fa=1": 105.0, "pp fa=0": 240.012345, "tg fa=0": 105.0}
     with_log = "build: 1 (0c1e570)\n" + LLAMA_BENCH_JSON + "\nllama_model_loader: loaded\n"
     assert native.parse_llama_bench_json(with_log)["tg"] == 105.0
     with pytest.raises(ValueError):
