@@ -102,7 +102,7 @@ class BenchResult:
     load_average: tuple[float, float, float]
     interrupted: bool
 
-    def values(self, kind: str, field: str = "tokens_per_s", cache: str | None = None) -> list:
+    def values(self, kind: str, field: str = "tokens_per_s", cache: str | None = None) -> list[Any]:
         """One field of every measurement of a kind (and cache, for loads) that has it."""
         return [getattr(m, field) for m in self.measurements if m.kind == kind
                 and (cache is None or m.cache == cache) and getattr(m, field) is not None]
@@ -166,7 +166,7 @@ def run_benchmark(settings: BenchSettings, options: EngineOptions,
 
 def _measure(settings: BenchSettings, options: EngineOptions, partial: _Partial,
              progress: Progress) -> None:
-    steps = 3 + settings.repetitions + int(settings.cold_load)
+    steps = 2 + settings.repetitions + int(settings.cold_load) + int(settings.bandwidth)
     done = 0
     if settings.cold_load:
         progress("cold load", done, steps)

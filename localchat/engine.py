@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -315,16 +316,20 @@ class LocalEngine:
         llama.reset()
         return 0
 
+    @functools.cached_property
+    def _end_of_generation_tokens(self) -> tuple[int, ...]:
+        # Scanned once: asking about each of a 50k vocabulary takes ~30 ms of ctypes calls.
+        is_eog, vocab = self._llama_cpp.llama_vocab_is_eog, self._vocab
+        return tuple(t for t in range(self._llama.n_vocab()) if is_eog(vocab, t))
+
     def _sampler(self, sampling: Sampling) -> Any:
         from llama_cpp import _internals
 
         sampler = _internals.LlamaSampler()
         n_vocab = self._llama.n_vocab()
-        if sampling.ignore_eos:
-            eog = {t: float("-inf") for t in range(n_vocab)
-                   if self._llama_cpp.llama_vocab_is_eog(self._vocab, t)}
-            if eog:
-                sampler.add_logit_bias(n_vocab, eog)
+        if sampling.ignore_eos and self._end_of_generation_tokens:
+            sampler.add_logit_bias(n_vocab, dict.fromkeys(self._end_of_generation_tokens,
+                                                          float("-inf")))
         if sampling.repeat_penalty != 1.0:
             sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
                                   penalty_repeat=sampling.repeat_penalty, penalty_freq=0.0,
