@@ -367,7 +367,7 @@ def show(
     render.print_fields(env, render.model_fields(ref, info, estimate_memory(info, n_ctx),
                                                  n_ctx, available_memory_bytes()))
     if info.chat_template:
-        print(f"\nchat template:\n{info.chat_template}", file=env.stdout)
+        print(f"\nchat template:\n{render.terminal_safe(info.chat_template)}", file=env.stdout)
 
 
 @app.command()

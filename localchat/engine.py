@@ -171,6 +171,7 @@ class LocalEngine:
             model_info.chat_template, model_info.architecture,
             model_info.special_tokens, options.chat_format,
         )
+        templates.check(self.template)
         started = time.perf_counter()
         try:
             with deferred_interrupts():

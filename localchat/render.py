@@ -217,11 +217,23 @@ def print_table(env: Environment, headers: list[str], rows: list[list[str]]) -> 
               file=env.stdout)
 
 
+def terminal_safe(text: str) -> str:
+    """`text` with control and invisible format characters shown as escapes (\\x1b, \\u202e).
+
+    For text that comes from a model file: a stranger's escape sequences must not reach the
+    terminal (they can retitle windows, hide text or write to the clipboard).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
 def print_fields(env: Environment, fields: list[tuple[str, str]]) -> None:
-    """`key  value` lines, keys aligned."""
+    """`key  value` lines, keys aligned; values are made terminal-safe."""
     width = max(len(key) for key, _ in fields)
     for key, value in fields:
-        print(f"{key.ljust(width)}  {value}", file=env.stdout)
+        print(f"{key.ljust(width)}  {terminal_safe(value)}", file=env.stdout)
 
 
 def model_fields(ref: Any, info: Any, memory: Any, n_ctx: int,

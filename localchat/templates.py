@@ -8,11 +8,8 @@ when nothing matches we refuse rather than guess a wrong format.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 from localchat.errors import EngineError, UsageError
 
@@ -174,57 +171,51 @@ def render(
         return "\n\n".join(message["content"] for message in messages)
     import jinja2
 
-    compiled = _compile(template.text)
+    from localchat import template_sandbox
+
+    hint = f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}"
     try:
-        return compiled.render(
+        return template_sandbox.render(
+            template.text,
             messages=list(messages),
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
         )
+    except template_sandbox.TemplateLimitError as exc:
+        raise EngineError(
+            f"the chat template ({template.source}) was stopped: {exc}",
+            f"the file may be malicious; {hint}",
+        ) from exc
     except jinja2.exceptions.SecurityError as exc:
         raise EngineError(
-            f"the model's chat template tried something unsafe and was stopped: {exc}",
-            "the file may be malicious; use --chat-format to pick a built-in template",
+            f"the chat template ({template.source}) tried something unsafe and was stopped: {exc}",
+            f"the file may be malicious; {hint}",
         ) from exc
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+    except RecursionError as exc:
         raise EngineError(
-            f"the chat template ({template.source}) failed: {exc}",
-            f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
+            f"the chat template ({template.source}) was stopped: it recursed too deeply", hint
         ) from exc
+    except jinja2.TemplateSyntaxError as exc:
+        raise EngineError(f"the chat template ({template.source}) does not parse: {exc}",
+                          hint) from exc
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
+            OverflowError, ZeroDivisionError, MemoryError) as exc:
+        raise EngineError(f"the chat template ({template.source}) failed: {exc}", hint) from exc
 
 
-@lru_cache(maxsize=8)
-def _compile(text: str) -> Any:
+def check(template: ChatTemplate) -> None:
+    """Parse the template now, so a file whose template cannot work fails at load."""
+    if template.text is None:
+        return
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined
-    )
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = _strftime_now
-    environment.filters["tojson"] = _tojson
+    from localchat import template_sandbox
+
     try:
-        return environment.from_string(text)
-    except jinja2.TemplateError as exc:
+        template_sandbox.compile_template(template.text)
+    except jinja2.TemplateSyntaxError as exc:
         raise EngineError(
-            f"the model's chat template does not parse: {exc}",
+            f"the chat template ({template.source}) does not parse: {exc}",
             f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
         ) from exc
-
-
-def _raise_exception(message: str) -> None:
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
-
-
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    import json
-
-    return json.dumps(value, ensure_ascii=False, indent=indent)

@@ -322,3 +322,23 @@ def malformed_variants(base: bytes, size: int, seed: int, flips: int = 100) -> I
             yield put(f"alignment {value}", lay.alignment_at, U32, value)
         for value in (1, 8, 16, 128):
             yield put(f"alignment {value}", lay.alignment_at, U32, value, refuse=False)
+
+
+def with_string_value(source: Path, target: Path, key: str, value: str,
+                      header_region: int = 4 * 1024 * 1024) -> Path:
+    """Copy a valid GGUF with the string metadata `key` set to `value` (tensor data unchanged)."""
+    with source.open("rb") as file:
+        head = file.read(header_region)
+        lay = scan_layout(head)
+        alignment = U32.unpack_from(head, lay.alignment_at)[0] if lay.alignment_at else 32
+        data_start = -(-lay.table_end // alignment) * alignment
+        at = dict(lay.keys)[key] + 8 + len(key.encode())
+        assert U32.unpack_from(head, at)[0] == 8, f"{key} is not a string"
+        value_end = at + 4 + 8 + U64.unpack_from(head, at + 4)[0]
+        table = head[: at + 4] + gguf_string(value) + head[value_end : lay.table_end]
+        with target.open("wb") as out:
+            out.write(table + b"\0" * (-len(table) % alignment))
+            file.seek(data_start)
+            while chunk := file.read(1 << 22):
+                out.write(chunk)
+    return target
