@@ -8,9 +8,9 @@ all), "seed": int, "flips": int, "work": a scratch folder, "commands": [["show"]
 This driver imports the CLI and the modules `show` and `run` use once, then forks a child per
 command (a fresh interpreter per run would cost ~0.3 s each); the child calls
 `localchat.cli.main` exactly as the console script does, with stdout and stderr captured to
-files. A segfault, an abort or a hang in llama.cpp
-kills only the child, and shows here as a signal or a timeout. The driver itself never imports
-llama_cpp, so every child starts from the same state as a real `localchat` process.
+files. A segfault, an abort or a hang in llama.cpp kills only the child, and shows here as a
+signal or a timeout. The driver itself never imports llama_cpp, so every child starts from the
+same state as a real `localchat` process.
 """
 
 from __future__ import annotations
