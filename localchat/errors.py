@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitStatus(IntEnum):
@@ -48,3 +50,24 @@ class ContextOverflowError(LocalchatError):
 
 class EngineError(LocalchatError):
     """llama.cpp failed to load a model or to generate."""
+
+
+class DiskFullError(LocalchatError):
+    """A write that found no room: the disk or quota is full, or a file size limit is reached."""
+
+
+def disk_full_error(exc: OSError, path: Path | str | None, hint: str) -> DiskFullError | None:
+    """The one-line error for a write that failed for want of room, or None for other failures.
+
+    A full disk (ENOSPC) or quota (EDQUOT) is named as such; a file that may grow no further
+    (EFBIG: `ulimit -f`, or a file system such as FAT32 with its 4 GB cap) says so instead.
+    """
+    where = f" holding {path}" if path else ""
+    if exc.errno == errno.ENOSPC:
+        return DiskFullError(f"no space left on the disk{where}", hint)
+    if exc.errno == errno.EDQUOT:
+        return DiskFullError(f"disk quota exceeded on the disk{where}", hint)
+    if exc.errno == errno.EFBIG:
+        return DiskFullError(f"file too large: {path or 'a file'} reached the largest size this "
+                             "file system or the file size limit (`ulimit -f`) allows", hint)
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from localchat import paths
-from localchat.errors import LocalchatError, UsageError
+from localchat.errors import DiskFullError, LocalchatError, UsageError
 
 ROLES = ("system", "user", "assistant")
 PREVIEW_CHARS = 80
@@ -288,9 +289,24 @@ def _translate(exc: sqlite3.Error, db_path: Path) -> LocalchatError:
         )
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
         return _read_only_error(db_path.parent, str(exc))
-    if code == sqlite3.SQLITE_FULL:
-        return LocalchatError(f"the disk holding {db_path} is full", hint="free some space")
+    # SQLite reports ENOSPC as SQLITE_FULL only for its main writes; a -shm file that cannot grow,
+    # a failed fsync or a write past a file size limit (EFBIG) are all SQLITE_IOERR.
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _nearly_full(db_path)):
+        return DiskFullError(f"no space left on the disk holding {db_path}",
+                             hint="free some space")
+    if code == sqlite3.SQLITE_IOERR:
+        return LocalchatError(
+            f"cannot read or write the history database {db_path} ({exc})",
+            hint="its disk may be failing, or a file size limit (`ulimit -f`) is in the way",
+        )
     return LocalchatError(f"the history database {db_path} failed: {exc}")
+
+
+def _nearly_full(db_path: Path) -> bool:
+    try:
+        return shutil.disk_usage(db_path.parent).free < 1 << 20  # less than SQLite may need
+    except OSError:
+        return False
 
 
 def _time(seconds: float) -> datetime:

@@ -68,5 +68,9 @@ def hf_hub_cache() -> Path:
 
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) readable only by the user, and return it."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # mkdir(parents=True) gives the parents the umask's mode; under umask 000 a world-writable
+    # parent would let anyone swap our directory for theirs. XDG asks for 0700 throughout.
+    for directory in [*reversed(path.parents), path]:
+        if not directory.exists():
+            directory.mkdir(mode=0o700, exist_ok=True)
     return path

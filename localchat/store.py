@@ -38,7 +38,13 @@ from localchat.catalog import (
     quant_of,
     select_gguf,
 )
-from localchat.errors import LocalchatError, ModelFileError, UsageError
+from localchat.errors import (
+    DiskFullError,
+    LocalchatError,
+    ModelFileError,
+    UsageError,
+    disk_full_error,
+)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 Status = Callable[[str], None]  # one-line notes: "hub unreachable, trying the PyPI mirror"
@@ -48,6 +54,7 @@ _RETRY_DELAY_S = 1.0  # grows with each retry that made no progress
 _MAX_STALLED_TRIES = 4  # connection drops in a row without a new byte before we give up
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
+_MAKE_ROOM = "free some space or point HF_HUB_CACHE at a bigger disk"
 
 
 @dataclass(frozen=True)
@@ -63,10 +70,6 @@ class LocalModel:
     location: str  # "hf-cache" or "localchat-cache" (PyPI mirror downloads)
     parameters: str | None = None  # the catalog's label, when it is a catalog model
     in_catalog: bool = False
-
-
-class _NotEnoughSpace(LocalchatError):
-    """No source can help with a full disk."""
 
 
 def find_local_model(ref: ModelRef) -> Path | None:
@@ -105,7 +108,7 @@ def pull_model(ref: ModelRef, *, progress: Progress | None = None, status: Statu
                              f"go online and `localchat pull {ref.name}`, or unset HF_HUB_OFFLINE")
     try:
         return _pull_from_hub(ref, progress, status)
-    except (UsageError, _NotEnoughSpace):
+    except (UsageError, DiskFullError):  # no other source can help with a full disk
         raise
     except LocalchatError as hub_error:
         mirrors = ref.file.mirrors if ref.file else ()
@@ -311,7 +314,9 @@ def _download(url: str, headers: dict[str, str], blob: Path, total: int, sha256:
     hashes = _Hashes(total, git_blob=git_sha1 is not None)
     hashes.add_file_prefix(partial, have)
     stalled = 0
-    with partial.open("ab") as out:  # closing on Ctrl-C keeps every byte written so far
+    # Closing on Ctrl-C or a full disk keeps every byte written so far, for the next pull.
+    with _room_for(partial, "then pull again: it resumes where it stopped"), \
+            partial.open("ab") as out:
         while have < total:
             before, error = have, None
             try:
@@ -410,7 +415,7 @@ class _Hashes:
 def _check_space(directory: Path, needed: int, what: str) -> None:
     free = _free_bytes(directory)
     if needed > free:
-        raise _NotEnoughSpace(f"not enough disk space for {what}: it needs {needed / 1e9:.2f} GB, "
+        raise DiskFullError(f"not enough disk space for {what}: it needs {needed / 1e9:.2f} GB, "
                               f"{directory} has {free / 1e9:.2f} GB free",
                               "free some space, or point HF_HUB_CACHE at a bigger disk")
 
@@ -421,6 +426,18 @@ def _free_bytes(directory: Path) -> int:
         if path.exists():
             return shutil.disk_usage(path).free
     return 0
+
+
+@contextmanager
+def _room_for(path: Path, then: str) -> Iterator[None]:
+    """Turn a write that found no room for `path` into a one-line error; others pass through."""
+    try:
+        yield
+    except OSError as exc:
+        full = disk_full_error(exc, path, f"{_MAKE_ROOM}, {then}")
+        if full is None:
+            raise
+        raise full from exc
 
 
 @contextmanager
@@ -445,10 +462,20 @@ def _link(blob: Path, pointer: Path) -> None:
     if pointer.is_file():
         return
     pointer.unlink(missing_ok=True)  # a dangling link from a deleted blob
-    try:
-        os.symlink(os.path.relpath(blob, pointer.parent), pointer)
-    except OSError:  # no symlinks (Windows without developer mode): a copy still works
-        shutil.copyfile(blob, pointer)
+    with _room_for(pointer, "then pull again"):
+        try:
+            os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+        except OSError as exc:
+            if disk_full_error(exc, pointer, "") is not None:
+                raise
+            # No symlinks (Windows without developer mode): a copy, whole or not at all, since
+            # a file at `pointer` is trusted as the model from then on.
+            copy = pointer.with_name(f".{pointer.name}.{os.getpid()}.tmp")
+            try:
+                shutil.copyfile(blob, copy)
+                os.replace(copy, pointer)
+            finally:
+                copy.unlink(missing_ok=True)
 
 
 def _write_ref(repo_dir: Path, ref: str, commit: str) -> None:
