@@ -530,9 +530,12 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, MemoryError) as exc:
         if debug:
             raise
+        from localchat.errors import disk_full_error
         from localchat.render import print_error
 
-        print_error(env, LocalchatError(str(exc), "run with --debug for the traceback"))
+        full = isinstance(exc, OSError) and disk_full_error(exc, exc.filename,
+                                                            "free some space, then try again")
+        print_error(env, full or LocalchatError(str(exc), "run with --debug for the traceback"))
         code = ExitStatus.ERROR
     sys.exit(int(code))
 

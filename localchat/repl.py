@@ -7,6 +7,7 @@ save it. The slash commands live in `slash_commands` so this file stays about th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -345,13 +346,17 @@ def prompt_session(chat: ChatSession, pt_input: Input | None = None,
                    pt_output: Output | None = None) -> PromptSession:
     """The prompt: input history, completion, multi-line keys and the bottom toolbar."""
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.history import InMemoryHistory
 
     history: Any = InMemoryHistory()
     if chat.request.history:  # --no-history means nothing on disk, typed lines included
-        path = paths.ensure_private_dir(paths.data_dir()) / "input_history"
-        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
-        history = FileHistory(str(path))
+        path = paths.data_dir() / "input_history"
+        try:
+            paths.ensure_private_dir(path.parent)
+            os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+            history = _input_history(str(path))
+        except OSError:
+            pass  # a read-only or full data dir: lines are remembered for this chat only
     if pt_output is None and not chat.env.stdout_isatty:
         from prompt_toolkit.output import create_output
 
@@ -361,6 +366,19 @@ def prompt_session(chat: ChatSession, pt_input: Input | None = None,
         key_bindings=_key_bindings(), bottom_toolbar=chat.toolbar,
         prompt_continuation=CONTINUATION, input=pt_input, output=pt_output,
     )
+
+
+def _input_history(path: str) -> Any:
+    """Typed lines kept in `path`; a line that cannot be written (a full disk) is only lost."""
+    from prompt_toolkit.history import FileHistory
+
+    class InputHistory(FileHistory):
+        def store_string(self, string: str) -> None:
+            # prompt-toolkit would print the traceback and stop at "Press ENTER to continue".
+            with contextlib.suppress(OSError):
+                super().store_string(string)
+
+    return InputHistory(path)
 
 
 def _key_bindings() -> Any:

@@ -155,8 +155,9 @@ def save_snapshot(
     try:
         directory = paths.ensure_private_dir(snapshot_dir())
         _remove_stale_temp_files(directory)
-        path = directory / _file_name(store, conversation_id, key)
-        _write_atomically(path, parts)
+        target = directory / _file_name(store, conversation_id, key)
+        _write_atomically(target, parts)  # if this fails, the last good snapshot is untouched
+        path = target
         store.record_snapshot(conversation_id, path, key.model_identity, key.n_ctx,
                               key.llama_cpp_version, token_hash, len(tokens))
         evicted = store.evict_snapshots(cap_bytes)
