@@ -94,6 +94,7 @@ class BenchResult:
     n_ctx: int
     threads: int
     backend: str
+    flash_attn: bool
     decode_prompt_tokens: int
     measurements: tuple[Measurement, ...]
     page_cache: PageCacheDrop | None
@@ -156,7 +157,8 @@ def run_benchmark(settings: BenchSettings, options: EngineOptions,
         weights_read_per_token=weights_read_per_token(info),
         kv_bytes_per_position=estimate_memory(info, 1).kv_cache_bytes,
         n_ctx=load.n_ctx if load else 0, threads=load.threads if load else 0,
-        backend=load.backend if load else "", decode_prompt_tokens=partial.decode_prompt_tokens,
+        backend=load.backend if load else "", flash_attn=options.flash_attn,
+        decode_prompt_tokens=partial.decode_prompt_tokens,
         measurements=tuple(partial.measurements), page_cache=partial.page_cache,
         bandwidth_gb_per_s=partial.bandwidth, cache_bytes=last_level_cache_bytes(),
         load_average=_load_average(),
@@ -441,6 +443,7 @@ def bench_record(result: BenchResult) -> dict[str, Any]:
         "gen_tokens": result.settings.gen_tokens,
         "repetitions": result.settings.repetitions,
         "n_ctx": result.n_ctx, "threads": result.threads, "backend": result.backend,
+        "flash_attn": result.flash_attn,
         **{name: _median(values) for name, values in metrics.items()},
         "load_cold_s": _median(cold),
         "kv_cache_mb": round(result.kv_bytes_per_position * result.n_ctx / MB, 1),
@@ -495,6 +498,8 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
          f"{record['threads']} threads, best of {BANDWIDTH_ROUNDS}"),
         ("decode ceiling from bandwidth", value("decode_ceiling_tokens_per_s", "tok/s", 1),
          reached),
+        ("set-up", f"{record['threads']} threads, {record['backend']}, ctx {record['n_ctx']:,}",
+         f"flash attention {'on' if record['flash_attn'] else 'off'}"),
         ("load average", " ".join(f"{value:.2f}" for value in record["load_average"]),
          "other busy processes make every figure lower and noisier"),
     ]

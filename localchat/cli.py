@@ -106,6 +106,8 @@ def _pull(ref: Any, offline: bool, env: Environment) -> Path:
 ModelArgument = Annotated[str, typer.Argument(help="Catalog name[:tag], owner/repo:QUANT, or "
                                               "a .gguf path.", autocompletion=_complete_model)]
 OfflineOption = Annotated[bool, typer.Option("--offline", help="Never touch the network.")]
+FlashAttnOption = Annotated[bool | None, typer.Option(
+    "--flash-attn/--no-flash-attn", help="llama.cpp's flash attention. [default: on]")]
 
 
 @app.command()
@@ -132,6 +134,7 @@ def run(
     cpu: Annotated[bool, typer.Option("--cpu", help="Force CPU only.")] = False,
     mmap: Annotated[bool | None, typer.Option("--mmap/--no-mmap", help="[default: mmap]")] = None,
     mlock: Annotated[bool, typer.Option(help="Lock the weights in RAM.")] = False,
+    flash_attn: FlashAttnOption = None,
     chat_format: Annotated[str | None, typer.Option(help="Override the chat template.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -172,27 +175,21 @@ def run(
                                      top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
                                      seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
                                      ignore_eos=ignore_eos)
+    common = dict(prompt=prompt, sampling=sampling, json_output=json_output, verbose=verbose,
+                  system=system if system is not None else config.system,
+                  history=not no_history and config.history is not False)
+    load_flags = dict(ctx=ctx, threads=threads, gpu_layers=gpu_layers, cpu=cpu, mmap=mmap,
+                      mlock=mlock, flash_attn=flash_attn, chat_format=chat_format,
+                      verbose=verbose)
     if ref is None:  # the server owns the model: no catalog, no download
         from localchat.remote import remote_options
 
-        request = oneshot.Request(
-            model=model or "", prompt=prompt, sampling=sampling, engine=None,
-            system=system if system is not None else config.system, json_output=json_output,
-            verbose=verbose, remote=remote_options(endpoint or "", model, api_key),
-            history=not no_history and config.history is not False)
-    else:
-        request = oneshot.Request(
-            model=ref.name, prompt=prompt, system=system if system is not None else config.system,
-            sampling=sampling,
-            engine=oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
-                                               threads=threads, gpu_layers=gpu_layers, cpu=cpu,
-                                               mmap=mmap, mlock=mlock, chat_format=chat_format,
-                                               verbose=verbose),
-            json_output=json_output, verbose=verbose,
-            history=not no_history and config.history is not False,
-        )  # every flag is validated above, before a download can start
-        path = ensure_local(ref, offline=offline, env=env)
-        request = replace(request, engine=replace(request.engine, model_path=path))
+        request = oneshot.Request(model=model or "", engine=None,
+                                  remote=remote_options(endpoint or "", model, api_key), **common)
+    else:  # every flag is validated here, before a download can start
+        options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), **load_flags)
+        options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
+        request = oneshot.Request(model=ref.name, engine=options, **common)
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
 
@@ -203,9 +200,7 @@ def run(
             return name, RemoteEngine(remote_options(endpoint or "", name, api_key))
         new = resolve_model(name)
         return new.name, oneshot.load_engine(oneshot.engine_options_from(
-            config, new.defaults, ensure_local(new, offline=offline, env=env), ctx=ctx,
-            threads=threads, gpu_layers=gpu_layers, cpu=cpu, mmap=mmap, mlock=mlock,
-            chat_format=chat_format, verbose=verbose))
+            config, new.defaults, ensure_local(new, offline=offline, env=env), **load_flags))
 
     from localchat import repl
 
@@ -223,6 +218,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(
         help="Require this key. [default: $LOCALCHAT_API_KEY]")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
+    flash_attn: FlashAttnOption = None,
     threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
     gpu_layers: Annotated[int | None, typer.Option(help="[default: all, with a GPU]")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Force CPU only.")] = False,
@@ -243,7 +239,7 @@ def serve(
     settings = server.serve_settings(host, port, api_key, ref.name, defaults)
     options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
                                           threads=threads, gpu_layers=gpu_layers, cpu=cpu,
-                                          mmap=None, mlock=False, chat_format=chat_format,
+                                          flash_attn=flash_attn, chat_format=chat_format,
                                           verbose=verbose)
     options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
     raise typer.Exit(server.serve_model(options, settings,
@@ -261,6 +257,7 @@ def bench(
     repetitions: Annotated[int, typer.Option(help="Measured runs after a warm-up.")] = 5,
     threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
+    flash_attn: FlashAttnOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     offline: OfflineOption = False,
 ) -> None:
@@ -277,8 +274,7 @@ def bench(
     settings.validate()  # before a download can start, like every flag
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
     options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
-                                          threads=threads, gpu_layers=None, cpu=False, mmap=None,
-                                          mlock=False, chat_format=None, verbose=False)
+                                          threads=threads, flash_attn=flash_attn)
     options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
     bar = None
     if render.stderr_is_terminal(env):

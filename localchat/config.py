@@ -29,6 +29,7 @@ class Config:
     ctx: int | None = None
     gpu_layers: int | None = None
     mmap: bool | None = None
+    flash_attn: bool | None = None
     chat_format: str | None = None
     markdown: bool | None = None
     history: bool | None = None
@@ -42,8 +43,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (float, int), "top_p": (float, int), "min_p": (float, int),
     "repeat_penalty": (float, int),
     "top_k": (int,), "seed": (int,), "max_tokens": (int,), "threads": (int,), "ctx": (int,),
-    "gpu_layers": (int,),
-    "mmap": (bool,), "markdown": (bool,), "history": (bool,), "snapshot_cap_mb": (int,),
+    "gpu_layers": (int,), "snapshot_cap_mb": (int,),
+    "mmap": (bool,), "flash_attn": (bool,), "markdown": (bool,), "history": (bool,),
     "remote_endpoint": (str,), "remote_model": (str,),
 }
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import IO
 
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -407,39 +406,6 @@ class MarkdownStream:
             "\n".join([*context, *lines]), block.lexer, padding=(int(top), 1, int(bottom), 1),
             line_range=(len(context) + 1, len(context) + max(len(lines), 1)),
         )
-
-
-class PlainStream:
-    """The same interface for raw text: `--no-markdown`, and output that is not a terminal."""
-
-    def __init__(self, file: IO[str]) -> None:
-        self._file = file
-        self._at_line_start = True
-        self._done = False
-
-    def __enter__(self) -> PlainStream:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.finish()
-
-    def feed(self, text: str) -> None:
-        """Write a piece as it is and flush, so a pipe sees it at once."""
-        if text:
-            self._file.write(text)
-            self._file.flush()
-            self._at_line_start = text.endswith("\n")
-
-    def finish(self) -> None:
-        """End the answer on its own line; safe to repeat."""
-        if self._done:
-            return
-        self._done = True
-        if not self._at_line_start:
-            self._file.write("\n")
-        self._file.flush()
-
-    close = finish
 
 
 def _open_fence(line: str) -> re.Match[str] | None:

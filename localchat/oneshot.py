@@ -12,7 +12,7 @@ from localchat.engine import EngineOptions, LocalEngine, Sampling
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import (
     Environment,
-    TextSink,
+    PlainStream,
     format_stats,
     print_json,
     print_note,
@@ -66,19 +66,31 @@ def sampling_from(config: Config, model: ModelDefaults, **flags: Any) -> Samplin
     return sampling
 
 
+LOAD_FLAGS = frozenset({"ctx", "threads", "gpu_layers", "cpu", "mmap", "mlock", "flash_attn",
+                        "chat_format", "verbose"})
+
+
 def engine_options_from(config: Config, model: ModelDefaults, model_path: Path,
                         **flags: Any) -> EngineOptions:
-    """Load options from flags over config over the model's catalog defaults, validated."""
+    """Load options from flags over config over the model's catalog defaults, validated.
+
+    `flags` holds the command's LOAD_FLAGS by name; a missing or None flag falls through to the
+    config.
+    """
+    unknown = set(flags) - LOAD_FLAGS
+    if unknown:
+        raise TypeError(f"unknown load flags: {sorted(unknown)}")
     options = EngineOptions(
         model_path=model_path,
-        n_ctx=_pick(flags["ctx"], config.ctx, model.ctx),
-        threads=_pick(flags["threads"], config.threads),
-        gpu_layers=_pick(flags["gpu_layers"], config.gpu_layers),
-        cpu_only=flags["cpu"],
-        use_mmap=_pick(flags["mmap"], config.mmap, True),
-        use_mlock=flags["mlock"],
-        chat_format=_pick(flags["chat_format"], config.chat_format),
-        verbose=flags["verbose"],
+        n_ctx=_pick(flags.get("ctx"), config.ctx, model.ctx),
+        threads=_pick(flags.get("threads"), config.threads),
+        gpu_layers=_pick(flags.get("gpu_layers"), config.gpu_layers),
+        cpu_only=bool(flags.get("cpu")),
+        use_mmap=_pick(flags.get("mmap"), config.mmap, True),
+        use_mlock=bool(flags.get("mlock")),
+        flash_attn=_pick(flags.get("flash_attn"), config.flash_attn, True),
+        chat_format=_pick(flags.get("chat_format"), config.chat_format),
+        verbose=bool(flags.get("verbose")),
     )
     options.validate()
     return options
@@ -119,20 +131,22 @@ def run_once(request: Request, env: Environment) -> int:
     engine = open_engine(request)
     if request.verbose:
         info = engine.info
+        flash = {True: " · flash attention", False: " · no flash attention"}.get(
+            getattr(info, "flash_attn", None), "")
         print_note(env, f"model {info.model_path} · ctx {info.n_ctx} · {info.threads} threads · "
-                        f"{info.backend} · chat template {info.chat_format} "
+                        f"{info.backend}{flash} · chat template {info.chat_format} "
                         f"({info.chat_format_source})")
     messages = [{"role": "system", "content": request.system}] if request.system else []
     messages.append({"role": "user", "content": text})
     recording = start_recording(request, env, text) if request.history else None
-    sink = None if request.json_output else TextSink(env)
+    sink = None if request.json_output else PlainStream(env.stdout)
     pieces: list[str] = []
     stream = engine.stream(messages, request.sampling)
     try:
         for piece in stream:
             pieces.append(piece)
             if sink:
-                sink.write(piece)
+                sink.feed(piece)
     except KeyboardInterrupt:
         stream.close()
     except LocalchatError:  # a remote stream that broke off: keep what arrived, then say why

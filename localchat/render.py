@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from localchat.errors import LocalchatError
 
@@ -55,26 +55,37 @@ def read_piped_input(env: Environment) -> str | None:
     return data
 
 
-class TextSink:
-    """Writes reply pieces to stdout as they arrive, flushing so pipes see them at once."""
+class PlainStream:
+    """The same interface for raw text: `--no-markdown`, and output that is not a terminal."""
 
-    def __init__(self, env: Environment) -> None:
-        self.env = env
-        self.ends_with_newline = True
+    def __init__(self, file: IO[str]) -> None:
+        self._file = file
+        self._at_line_start = True
+        self._done = False
 
-    def write(self, piece: str) -> None:
-        """Write one piece of the reply."""
-        if piece:
-            self.env.stdout.write(piece)
-            self.env.stdout.flush()
-            self.ends_with_newline = piece.endswith("\n")
+    def __enter__(self) -> PlainStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish()
+
+    def feed(self, text: str) -> None:
+        """Write a piece as it is and flush, so a pipe sees it at once."""
+        if text:
+            self._file.write(text)
+            self._file.flush()
+            self._at_line_start = text.endswith("\n")
 
     def finish(self) -> None:
-        """End the reply on its own line."""
-        if not self.ends_with_newline:
-            self.env.stdout.write("\n")
-            self.ends_with_newline = True
-        self.env.stdout.flush()
+        """End the answer on its own line; safe to repeat."""
+        if self._done:
+            return
+        self._done = True
+        if not self._at_line_start:
+            self._file.write("\n")
+        self._file.flush()
+
+    close = finish
 
 
 def _style(env: Environment, text: str, code: str) -> str:
@@ -133,6 +144,7 @@ def stats_record(text: str, load: Any, stats: Any, model: str) -> dict[str, Any]
         "threads": load.threads if load is not None else None,
         "backend": load.backend if load is not None else None,
         "chat_format": load.chat_format if load is not None else None,
+        "flash_attn": getattr(load, "flash_attn", None),
     }
 
 

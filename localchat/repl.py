@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from localchat import paths
 from localchat.chat import Conversation, Message, fit_to_window, messages_for_model
 from localchat.errors import ExitStatus, LocalchatError, UsageError
-from localchat.render import Environment, format_rate, print_error, print_note
+from localchat.render import Environment, PlainStream, format_rate, print_error, print_note
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -133,10 +133,10 @@ class ChatSession:
         return f" {label} · {self.used_tokens} / {engine.n_ctx} tokens · {rate}"
 
     def _renderer(self) -> Any:
-        from localchat.markdown_stream import MarkdownStream, PlainStream
-
         if not (self.markdown and self.env.stdout_isatty):
             return PlainStream(self.env.stdout)
+        from localchat.markdown_stream import MarkdownStream
+
         if self._console is None:
             from rich.console import Console
 

@@ -49,7 +49,11 @@ _STALE_TEMP_S = 3600.0  # a temp file this old belongs to a process that died mi
 
 @dataclass(frozen=True)
 class SnapshotKey:
-    """What a KV cache is only valid for: this model file, this n_ctx, this llama.cpp."""
+    """What a KV cache is only valid for: this model file, this n_ctx, this llama.cpp.
+
+    `llama_cpp_version` also names the cache layout where it differs: without flash attention
+    llama.cpp stores V transposed, so a cache from one setting cannot be read by the other.
+    """
 
     model_identity: str
     n_ctx: int
@@ -96,7 +100,8 @@ def snapshot_key(engine: Any) -> SnapshotKey:
     """The key a snapshot of this loaded engine is filed under."""
     return SnapshotKey(
         model_identity=model_identity(engine.info.model_path), n_ctx=engine.n_ctx,
-        llama_cpp_version=import_llama_cpp().__version__,
+        llama_cpp_version=import_llama_cpp().__version__
+        + ("" if engine.info.flash_attn else " without flash attention"),
     )
 
 
@@ -250,7 +255,8 @@ def _read_header(handle: BinaryIO, key: SnapshotKey, indexed_hash: str) -> _Head
             (fields["n_ctx"] == key.n_ctx,
              f"it was made with context size {fields['n_ctx']}, not {key.n_ctx}"),
             (fields["llama_cpp_version"] == key.llama_cpp_version,
-             f"it was made by llama-cpp-python {fields['llama_cpp_version']}"),
+             f"it was made by llama-cpp-python {fields['llama_cpp_version']}, "
+             f"this is {key.llama_cpp_version}"),
             (header.prefix_sha256 == indexed_hash, "the file does not match its index entry"),
             (0 < header.token_count < key.n_ctx and header.state_bytes > 0,
              "the header is damaged"),

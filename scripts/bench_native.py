@@ -166,27 +166,34 @@ def localchat(*args: str) -> dict:
 
 
 def compare_bench(bin_dir: Path, model: str, threads: int, prompt: int, gen: int,
-                  repetitions: int) -> list[Row]:
-    """localchat bench vs llama-bench: prefill (pp) and decode (tg)."""
+                  repetitions: int, flash_attn: bool) -> list[Row]:
+    """localchat bench vs llama-bench: prefill (pp) and decode (tg), same flash attention."""
+    fa = "on" if flash_attn else "off"
     native = parse_llama_bench_json(run_text([
         str(bin_dir / "llama-bench"), "-m", model, "-p", str(prompt), "-n", str(gen),
-        "-t", str(threads), "-r", str(repetitions), "-o", "json"])[0])
+        "-t", str(threads), "-r", str(repetitions), "-fa", fa, "-o", "json"])[0])
     ours = localchat("bench", model, "-p", str(prompt), "-n", str(gen),
-                     "--repetitions", str(repetitions), "--threads", str(threads))
-    return [Row(f"prefill pp{prompt} (bench)", ours["prefill_tokens_per_s"], native.get("pp")),
-            Row(f"decode tg{gen} (bench)", ours["decode_tokens_per_s"], native.get("tg"))]
+                     "--repetitions", str(repetitions), "--threads", str(threads),
+                     "--flash-attn" if flash_attn else "--no-flash-attn")
+    return [Row(f"prefill pp{prompt} fa={fa} (bench)", ours["prefill_tokens_per_s"],
+                native.get("pp")),
+            Row(f"decode tg{gen} fa={fa} (bench)", ours["decode_tokens_per_s"], native.get("tg"))]
 
 
-def compare_run(bin_dir: Path, model: str, threads: int, gen: int, ctx: int) -> Row:
+def compare_run(bin_dir: Path, model: str, threads: int, gen: int, ctx: int,
+                flash_attn: bool) -> Row:
     """localchat run --ignore-eos vs llama-cli --ignore-eos: end-to-end generation speed."""
+    fa = "on" if flash_attn else "off"
     native = parse_llama_cli_generation("\n".join(run_text([
         str(bin_dir / "llama-cli"), "-m", model, "-st", "--simple-io", "--temp", "0",
-        "--ignore-eos", "-n", str(gen), "-t", str(threads), "-c", str(ctx), "-p", PROMPT])))
+        "--ignore-eos", "-n", str(gen), "-t", str(threads), "-c", str(ctx), "-fa", fa,
+        "-p", PROMPT])))
     ours = localchat("run", model, PROMPT, "--ignore-eos", "-n", str(gen), "--temperature", "0",
-                     "--threads", str(threads), "--ctx", str(ctx))
+                     "--threads", str(threads), "--ctx", str(ctx), "--no-history",
+                     "--flash-attn" if flash_attn else "--no-flash-attn")
     if ours["completion_tokens"] != gen:
         raise SystemExit(f"localchat run made {ours['completion_tokens']} tokens, not {gen}")
-    return Row(f"decode n={gen} (run vs llama-cli)", ours["decode_tokens_per_s"], native)
+    return Row(f"decode n={gen} fa={fa} (run/llama-cli)", ours["decode_tokens_per_s"], native)
 
 
 def best_rows(rounds: list[list[Row]]) -> list[Row]:
@@ -223,6 +230,8 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=4096, help="context for the end-to-end runs")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat everything; the summary keeps each side's best")
+    parser.add_argument("--flash-attn", choices=("on", "off", "both"), default="both",
+                        help="flash attention on both sides (llama.cpp's default is on)")
     parser.add_argument("--source", type=Path, help="a llama.cpp tree (default: the sdist's)")
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
@@ -237,10 +246,12 @@ def main() -> int:
         load = os.getloadavg()
         print(f"round {number}/{args.rounds}, load average {load[0]:.2f} {load[1]:.2f} "
               f"{load[2]:.2f}", flush=True)
-        rows = compare_bench(bin_dir, args.model, args.threads, args.prompt_tokens,
-                             args.gen_tokens, args.repetitions)
-        rows += [compare_run(bin_dir, args.model, args.threads, gen, args.ctx)
-                 for gen in args.gen]
+        rows = []
+        for flash_attn in {"on": [True], "off": [False], "both": [True, False]}[args.flash_attn]:
+            rows += compare_bench(bin_dir, args.model, args.threads, args.prompt_tokens,
+                                  args.gen_tokens, args.repetitions, flash_attn)
+            rows += [compare_run(bin_dir, args.model, args.threads, gen, args.ctx, flash_attn)
+                     for gen in args.gen]
         print(format_rows(rows), flush=True)
         rounds.append(rows)
     if args.rounds > 1:

@@ -34,12 +34,9 @@ def default_dir() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    """Hash a file in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """The sha256 of a file's bytes, as hex."""
     with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fetch(target_dir: Path) -> Path:

@@ -307,12 +307,14 @@ def _measure(content: bytes | Path) -> tuple[int, str]:
         return len(content), hashlib.sha256(content).hexdigest()
     key = content.resolve()
     if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with key.open("rb") as handle:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
-        _SHA_CACHE[key] = (key.stat().st_size, digest.hexdigest())
+        _SHA_CACHE[key] = (key.stat().st_size, sha256_of(key))
     return _SHA_CACHE[key]
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _git_oid(data: bytes) -> str:

@@ -46,6 +46,14 @@ def test_same_prompt_twice_gives_the_same_text(smollm2_path):
     assert first.stdout.endswith("\n")
 
 
+def test_flash_attention_is_on_by_default_and_can_be_turned_off(smollm2_path):
+    on = json.loads(localchat("run", str(smollm2_path), "hi", "--json", *GREEDY).stdout)
+    off = localchat("run", str(smollm2_path), "hi", "--json", "--no-flash-attn", *GREEDY)
+    assert off.returncode == 0, off.stderr
+    assert (on["flash_attn"], json.loads(off.stdout)["flash_attn"]) == (True, False)
+    assert json.loads(off.stdout)["text"].strip()
+
+
 def test_json_is_one_object_whose_counts_match(smollm2_path):
     result = localchat("run", str(smollm2_path), "hi", "--json", *GREEDY)
     assert result.returncode == 0, result.stderr

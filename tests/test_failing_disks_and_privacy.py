@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from hub_server import HubServer
+from hub_server import HubServer, sha256_of
 
 from localchat import paths
 from localchat.history import open_history
@@ -155,14 +155,6 @@ def assert_one_line(result: subprocess.CompletedProcess, code: int, start: str,
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def db_file() -> Path:

