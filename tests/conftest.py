@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    # A shell starts background jobs with SIGINT ignored, and every process they start inherits
+    # that: localchat would then never see Ctrl-C, and the Ctrl-C tests would hang. Restore it.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _load_fetcher():

@@ -70,6 +70,10 @@ def run_child(argv: list[str], out: Path, err: Path) -> tuple[int | None, int | 
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 1)
             os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
+            # Fresh streams on fds 0-2: the parent's may be replaced (pytest's capture).
+            sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives until os._exit
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives until os._exit
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             cli.main(argv)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
