@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -15,67 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from localchat import paths
-from localchat.errors import DiskFullError, LocalchatError, UsageError
+from localchat import history_db
+from localchat.errors import LocalchatError, UsageError
+from localchat.history_db import default_history_path
 
 ROLES = ("system", "user", "assistant")
 PREVIEW_CHARS = 80
-# Long enough to wait out another localchat's commit or checkpoint, short enough to report a hang.
-BUSY_TIMEOUT_S = 5.0
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 # ASCII only and a leading letter or digit: a name is safe in a file name and on any terminal.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-# MIGRATIONS[n] takes a database from schema version n to n + 1 (PRAGMA user_version).
-# Append new steps; never edit one that has shipped.
-MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        """CREATE TABLE conversations (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT UNIQUE,
-            model TEXT NOT NULL,
-            system_prompt TEXT,
-            settings TEXT NOT NULL DEFAULT '{}',
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL)""",
-        "CREATE INDEX conversations_by_update ON conversations (updated_at)",
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            role TEXT NOT NULL,
-            content TEXT NOT NULL,
-            token_count INTEGER,
-            timings TEXT,
-            interrupted INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL)""",
-        "CREATE INDEX messages_by_conversation ON messages (conversation_id, id)",
-        """CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages',
-            content_rowid='id', tokenize='porter unicode61 remove_diacritics 2')""",
-        """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
-            INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content); END""",
-        """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
-            INSERT INTO messages_fts (messages_fts, rowid, content)
-            VALUES ('delete', old.id, old.content); END""",
-        """CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN
-            INSERT INTO messages_fts (messages_fts, rowid, content)
-            VALUES ('delete', old.id, old.content);
-            INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content); END""",
-        """CREATE TABLE snapshots (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            path TEXT NOT NULL UNIQUE,
-            model_identity TEXT NOT NULL,
-            n_ctx INTEGER NOT NULL,
-            llama_cpp_version TEXT NOT NULL,
-            prefix_hash TEXT NOT NULL,
-            token_count INTEGER NOT NULL,
-            size_bytes INTEGER NOT NULL,
-            last_used_at REAL NOT NULL,
-            UNIQUE (conversation_id, model_identity, n_ctx, llama_cpp_version))""",
-    ),
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
 
 @dataclass(frozen=True)
 class ConversationRecord:
@@ -149,11 +94,6 @@ class SnapshotRecord:
     last_used_at: datetime
 
 
-def default_history_path() -> Path:
-    """Where the history database lives unless told otherwise."""
-    return paths.data_dir() / "history.db"
-
-
 def validate_name(name: str) -> str:
     """Return `name` if it can name a conversation, else raise UsageError."""
     if not _NAME_PATTERN.fullmatch(name) or name.isdigit():
@@ -166,147 +106,9 @@ def validate_name(name: str) -> str:
 
 
 def open_history(path: Path | None = None) -> HistoryStore:
-    """Open the history database, creating or migrating it; refuse a corrupt or newer one."""
+    """Open the history database (default: the data dir's), creating or migrating it."""
     db_path = path if path is not None else default_history_path()
-    _prepare_location(db_path)
-    _check_existing(db_path)
-    try:
-        connection = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise _translate(exc, db_path) from exc
-    store = HistoryStore(connection, db_path)
-    try:
-        with store._guard():
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA foreign_keys = ON")
-            connection.execute("PRAGMA journal_mode = WAL")
-            # In WAL mode NORMAL already survives a killed process (a commit is in the WAL file
-            # once write() returns); FULL adds an fsync per commit so a finished turn also
-            # survives power loss. Two commits per turn make that cost invisible.
-            connection.execute("PRAGMA synchronous = FULL")
-            _migrate(connection)
-    except BaseException:
-        connection.close()
-        raise
-    return store
-
-
-def _prepare_location(db_path: Path) -> None:
-    directory = db_path.parent
-    try:
-        paths.ensure_private_dir(directory)
-    except OSError as exc:
-        raise _read_only_error(directory, exc.strerror) from exc
-    effective = os.access in os.supports_effective_ids
-    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=effective) or (
-        db_path.exists() and not os.access(db_path, os.R_OK | os.W_OK, effective_ids=effective)
-    ):
-        raise _read_only_error(directory, "not writable")
-    try:
-        # SQLite gives -wal and -shm the database file's mode, so creating it 0600 here keeps
-        # all three private whatever the umask. An empty file is a valid new database.
-        fd = os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise _read_only_error(directory, exc.strerror) from exc
-    os.fchmod(fd, 0o600)
-    os.close(fd)
-
-
-def _check_existing(db_path: Path) -> None:
-    """Refuse a file that is not our database, without writing a byte to it."""
-    try:
-        with db_path.open("rb") as handle:
-            header = handle.read(len(_SQLITE_MAGIC))
-    except OSError as exc:
-        raise LocalchatError(f"cannot read the history database {db_path}: {exc.strerror}") from exc
-    if not header:
-        return
-    if header != _SQLITE_MAGIC:
-        raise _corrupt_error(db_path, "not an SQLite database")
-    # Read-only, so a leftover WAL from a crash is never checkpointed into a file we refuse.
-    uri = f"{db_path.resolve().as_uri()}?mode=ro"
-    try:
-        probe = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
-        try:
-            version = probe.execute("PRAGMA user_version").fetchone()[0]
-            probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            probe.close()
-    except sqlite3.Error as exc:
-        raise _translate(exc, db_path) from exc
-    if version > len(MIGRATIONS):
-        raise LocalchatError(
-            f"the history database {db_path} has schema version {version}, newer than this "
-            f"localchat knows ({len(MIGRATIONS)}); it was left untouched",
-            hint="upgrade localchat, or move the file aside to start a new history",
-        )
-
-
-def _migrate(connection: sqlite3.Connection) -> None:
-    current = connection.execute("PRAGMA user_version").fetchone()[0]
-    while current < len(MIGRATIONS):
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            # Another localchat may have migrated while this one waited for the lock.
-            current = connection.execute("PRAGMA user_version").fetchone()[0]
-            if current < len(MIGRATIONS):
-                for statement in MIGRATIONS[current]:
-                    connection.execute(statement)
-                current += 1
-                connection.execute(f"PRAGMA user_version = {current}")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-
-
-def _corrupt_error(db_path: Path, detail: str) -> LocalchatError:
-    return LocalchatError(
-        f"the history database {db_path} is damaged ({detail}); it was left untouched "
-        "for inspection",
-        hint="move it aside to start a new history (`sqlite3 FILE .recover` may save its data)",
-    )
-
-
-def _read_only_error(directory: Path, detail: str | None) -> LocalchatError:
-    return LocalchatError(
-        f"cannot write the history in {directory}: {detail or 'read-only'}",
-        hint=f"make it writable (chmod u+w {directory}) or run with --no-history",
-    )
-
-
-def _translate(exc: sqlite3.Error, db_path: Path) -> LocalchatError:
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-        return _corrupt_error(db_path, str(exc))
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return LocalchatError(
-            f"the history database {db_path} is busy: another localchat is writing to it",
-            hint="wait a moment and try again",
-        )
-    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-        return _read_only_error(db_path.parent, str(exc))
-    # SQLite reports ENOSPC as SQLITE_FULL only for its main writes; a -shm file that cannot grow,
-    # a failed fsync or a write past a file size limit (EFBIG) are all SQLITE_IOERR.
-    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _nearly_full(db_path)):
-        return DiskFullError(f"no space left on the disk holding {db_path}",
-                             hint="free some space")
-    if code == sqlite3.SQLITE_IOERR:
-        return LocalchatError(
-            f"cannot read or write the history database {db_path} ({exc})",
-            hint="its disk may be failing, or a file size limit (`ulimit -f`) is in the way",
-        )
-    return LocalchatError(f"the history database {db_path} failed: {exc}")
-
-
-def _nearly_full(db_path: Path) -> bool:
-    try:
-        return shutil.disk_usage(db_path.parent).free < 1 << 20  # less than SQLite may need
-    except OSError:
-        return False
+    return HistoryStore(history_db.connect(db_path), db_path)
 
 
 def _time(seconds: float) -> datetime:
@@ -386,7 +188,7 @@ class HistoryStore:
         except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
+            raise history_db.translate_error(exc, self.path) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from localchat import history, paths
+from localchat import history, history_db, paths
 from localchat.errors import LocalchatError, UsageError
 from localchat.history import open_history
 
@@ -48,7 +48,7 @@ def test_a_new_database_lives_in_the_data_dir_in_wal_mode_at_the_latest_schema()
     with open_history() as store:
         assert store.path == paths.data_dir() / "history.db"
     raw = sqlite3.connect(paths.data_dir() / "history.db")
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 1
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION == 1
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
     assert {"conversations", "messages", "messages_fts", "snapshots"} <= names
@@ -60,7 +60,7 @@ def test_migrations_run_once_each_and_a_failing_one_changes_nothing(tmp_path, mo
     with open_history(db) as store:
         kept = store.create_conversation("smollm2", name="kept")
     step_two = ("CREATE TABLE extra (x)", "INSERT INTO extra VALUES (1)")
-    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, step_two])
+    monkeypatch.setattr(history_db, "MIGRATIONS", [*history_db.MIGRATIONS, step_two])
     for _ in range(2):  # the second open must not run step two again
         with open_history(db) as store:
             assert store.find_conversation("kept") == kept
@@ -70,7 +70,7 @@ def test_migrations_run_once_each_and_a_failing_one_changes_nothing(tmp_path, mo
     raw.close()
 
     broken = ("CREATE TABLE half_done (x)", "SELECT * FROM no_such_table")
-    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, broken])
+    monkeypatch.setattr(history_db, "MIGRATIONS", [*history_db.MIGRATIONS, broken])
     with pytest.raises(LocalchatError, match="no such table"):
         open_history(db)
     raw = sqlite3.connect(db)
@@ -443,7 +443,7 @@ def test_a_database_from_a_newer_localchat_is_refused_and_left_byte_for_byte(tmp
         store.create_conversation("smollm2", name="future")
     raw = sqlite3.connect(source, isolation_level=None)
     raw.execute("PRAGMA wal_autocheckpoint = 0")
-    raw.execute(f"PRAGMA user_version = {history.SCHEMA_VERSION + 1}")
+    raw.execute(f"PRAGMA user_version = {history_db.SCHEMA_VERSION + 1}")
     raw.execute("INSERT INTO conversations (model, created_at, updated_at) VALUES ('m', 0, 0)")
     db = tmp_path / "history.db"
     # Copying while the connection is open captures the files as a crash would leave them;
@@ -463,7 +463,7 @@ def test_a_database_from_a_newer_localchat_is_refused_and_left_byte_for_byte(tmp
 
 
 def test_a_busy_database_gives_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(history, "BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(history_db, "BUSY_TIMEOUT_S", 0.05)
     with open_history(tmp_path / "history.db") as store:
         conversation = store.create_conversation("smollm2")
         other = sqlite3.connect(store.path, isolation_level=None)
