@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pwd
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,24 @@ def smollm2_path() -> Path:
     if explicit:
         return Path(explicit)
     return _load_fetcher().fetch(_load_fetcher().default_dir())
+
+
+@contextmanager
+def _as_unprivileged_user() -> Iterator[None]:
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(pwd.getpwnam("nobody").pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.fixture
+def as_unprivileged_user():
+    """Root ignores file modes: `with as_unprivileged_user():` runs as `nobody` for its duration."""
+    return _as_unprivileged_user
 
 
 @pytest.fixture(scope="session")

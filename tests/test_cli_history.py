@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,20 +143,8 @@ def test_a_corrupt_history_is_one_note_for_a_run_and_is_left_untouched(smollm2_p
     assert sha256(db_file()) == before
 
 
-@contextmanager
-def as_unprivileged_user():
-    """Root ignores file modes, so the read-only test drops to `nobody` for its duration."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(pwd.getpwnam("nobody").pw_uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-
-
-def test_a_read_only_data_dir_is_one_note_and_the_run_goes_on(smollm2_path, monkeypatch):
+def test_a_read_only_data_dir_is_one_note_and_the_run_goes_on(smollm2_path, monkeypatch,
+                                                              as_unprivileged_user):
     # Under /tmp, not tmp_path, so that `nobody` can reach it; the model is linked in for the
     # same reason. In-process, because `nobody` cannot start this interpreter.
     home = Path(tempfile.mkdtemp(prefix="localchat-ro-"))

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -475,19 +474,6 @@ def test_a_busy_database_gives_a_clear_error(tmp_path, monkeypatch):
         store.add_message(conversation.id, "user", "hello")
 
 
-@contextmanager
-def as_unprivileged_user():
-    """Root ignores file modes, so a permission test drops to `nobody` for its duration."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(pwd.getpwnam("nobody").pw_uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-
-
 @pytest.fixture
 def read_only_dir():
     # Under /tmp rather than tmp_path: `nobody` cannot enter pytest's private base dir.
@@ -505,7 +491,8 @@ def make_read_only(directory: Path) -> None:
     directory.chmod(0o500)
 
 
-def test_a_read_only_data_dir_gives_a_clear_error_and_creates_nothing(read_only_dir):
+def test_a_read_only_data_dir_gives_a_clear_error_and_creates_nothing(read_only_dir,
+                                                                     as_unprivileged_user):
     make_read_only(read_only_dir)
     with as_unprivileged_user(), pytest.raises(LocalchatError) as raised:
         open_history(read_only_dir / "data" / "history.db")
@@ -514,7 +501,8 @@ def test_a_read_only_data_dir_gives_a_clear_error_and_creates_nothing(read_only_
     assert list(read_only_dir.iterdir()) == []
 
 
-def test_an_existing_history_in_a_read_only_dir_gives_a_clear_error_untouched(read_only_dir):
+def test_an_existing_history_in_a_read_only_dir_gives_a_clear_error_untouched(
+        read_only_dir, as_unprivileged_user):
     db = read_only_dir / "history.db"
     with open_history(db) as store:
         store.create_conversation("smollm2", name="kept")
