@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from localchat.errors import ModelFileError
+from localchat.render import terminal_safe
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -171,7 +172,7 @@ def _file_type_names() -> dict[int, str]:
 def _printable(text: str, limit: int = 200) -> str:
     # Names from a hostile file (and odd path names) must not break the one-line message.
     text = text if len(text) <= limit else text[:limit] + "..."
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return terminal_safe(text, keep="")
 
 
 class _Cursor:

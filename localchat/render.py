@@ -229,15 +229,16 @@ def print_table(env: Environment, headers: list[str], rows: list[list[str]]) -> 
               file=env.stdout)
 
 
-def terminal_safe(text: str) -> str:
+def terminal_safe(text: str, keep: str = "\n\t") -> str:
     """`text` with control and invisible format characters shown as escapes (\\x1b, \\u202e).
 
     For text that comes from a model file: a stranger's escape sequences must not reach the
-    terminal (they can retitle windows, hide text or write to the clipboard).
+    terminal (they can retitle windows, hide text or write to the clipboard). Characters in
+    `keep` pass as they are; keep="" escapes line breaks too, for one-line messages.
     """
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode()
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode()
                    for c in text)
 
 

@@ -90,6 +90,7 @@ BUILTIN_STOPS: dict[str, tuple[str, ...]] = {
 # `raw` sends the prompt text as it is: for base models and hand-written prompts.
 RAW = "raw"
 FORMAT_NAMES = (*BUILTIN_TEMPLATES, RAW)
+_FORMAT_HINT = f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}"
 
 _ARCHITECTURE_FORMATS = {
     "qwen2": "chatml",
@@ -149,7 +150,7 @@ def choose_template(
     raise EngineError(
         f"the model file has no chat template and its architecture ({arch or 'unknown'}) "
         "does not tell which format it was trained on",
-        f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
+        _FORMAT_HINT,
     )
 
 
@@ -173,7 +174,7 @@ def render(
 
     from localchat import template_sandbox
 
-    hint = f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}"
+    check(template)  # compiled once per template text (cached); a syntax error is named there
     try:
         return template_sandbox.render(
             template.text,
@@ -185,23 +186,22 @@ def render(
     except template_sandbox.TemplateLimitError as exc:
         raise EngineError(
             f"the chat template ({template.source}) was stopped: {exc}",
-            f"the file may be malicious; {hint}",
+            f"the file may be malicious; {_FORMAT_HINT}",
         ) from exc
     except jinja2.exceptions.SecurityError as exc:
         raise EngineError(
             f"the chat template ({template.source}) tried something unsafe and was stopped: {exc}",
-            f"the file may be malicious; {hint}",
+            f"the file may be malicious; {_FORMAT_HINT}",
         ) from exc
     except RecursionError as exc:
         raise EngineError(
-            f"the chat template ({template.source}) was stopped: it recursed too deeply", hint
+            f"the chat template ({template.source}) was stopped: it recursed too deeply",
+            _FORMAT_HINT,
         ) from exc
-    except jinja2.TemplateSyntaxError as exc:
-        raise EngineError(f"the chat template ({template.source}) does not parse: {exc}",
-                          hint) from exc
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
             OverflowError, ZeroDivisionError, MemoryError) as exc:
-        raise EngineError(f"the chat template ({template.source}) failed: {exc}", hint) from exc
+        raise EngineError(f"the chat template ({template.source}) failed: {exc}",
+                          _FORMAT_HINT) from exc
 
 
 def check(template: ChatTemplate) -> None:
@@ -217,5 +217,5 @@ def check(template: ChatTemplate) -> None:
     except jinja2.TemplateSyntaxError as exc:
         raise EngineError(
             f"the chat template ({template.source}) does not parse: {exc}",
-            f"pass --chat-format with one of: {', '.join(FORMAT_NAMES)}",
+            _FORMAT_HINT,
         ) from exc
