@@ -32,30 +32,26 @@ TIMEOUT_S = 30.0
 
 def warm_up(valid_file: Path, scratch: Path) -> None:
     """Import what `show` and `run` import lazily (typer's pydantic adapters, the catalog...)
-    by showing the valid file once, so each child pays only for its own work."""
+    by showing the valid file once in this process, so each child pays only for its own work."""
     from localchat import engine, history, oneshot  # noqa: F401 - run's modules, not llama_cpp
 
-    code, killed_by, _ = run_child_in_process(["show", str(valid_file)], scratch)
-    assert (code, killed_by) == (0, None), "the valid file must show"
-
-
-def run_child_in_process(argv: list[str], scratch: Path) -> tuple[int, None, float]:
     saved = os.dup(1), os.dup(2)
-    started = time.monotonic()
+    code = None
     try:
         with (scratch / "warm-up").open("w") as sink:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
             try:
-                cli.main(argv)
+                cli.main(["show", str(valid_file)])
             except SystemExit as exit_:
                 code = exit_.code
             sys.stdout.flush()
             sys.stderr.flush()
     finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-    return code, None, time.monotonic() - started
+        for fd, saved_fd in zip((1, 2), saved, strict=True):
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
+    assert code == 0, "the valid file must show"
 
 
 def run_child(argv: list[str], out: Path, err: Path) -> tuple[int | None, int | None, float]:
