@@ -58,10 +58,9 @@ _local = threading.local()
 
 
 def _budget() -> _Budget:
-    budget = getattr(_local, "budget", None)
-    if budget is None:  # rendering outside render(): e.g. a test compiling by hand
-        budget = _local.budget = _Budget(TIME_LIMIT_S)
-    return budget
+    # Outside render() (a template rendered by hand) each check gets a fresh budget: a stored
+    # one would keep its deadline and fail every later render on this thread.
+    return getattr(_local, "budget", None) or _Budget(TIME_LIMIT_S)
 
 
 def _check_value(value: Any, what: str) -> None:
