@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localchat.engine import EngineOptions, LocalEngine, Sampling
+from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.protocol import Sampling
 from localchat.errors import UsageError
 
 Progress = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
@@ -121,7 +122,7 @@ class _Partial:
     decode_prompt_tokens: int = 0
 
     def load_engine(self, options: EngineOptions, cache: str) -> LocalEngine:
-        from localchat.oneshot import load_engine
+        from localchat.engine.loader import load_engine
 
         started = time.perf_counter()
         engine = load_engine(options)  # the header check counts: a user waits for it too
@@ -139,7 +140,7 @@ class _Partial:
 def run_benchmark(settings: BenchSettings, options: EngineOptions,
                   progress: Progress | None = None) -> BenchResult:
     """Load the model (cold, then warm), warm up, measure; Ctrl-C returns what was measured."""
-    from localchat.modelfile import estimate_memory, read_model_file
+    from localchat.models.gguf_reader import estimate_memory, read_model_file
 
     settings.validate()
     info = read_model_file(options.model_path)

@@ -37,7 +37,7 @@ def _version(value: bool) -> None:
     if value:
         from importlib import metadata
 
-        from localchat.backend import compiled_backend
+        from localchat.engine.runtime import compiled_backend
 
         try:
             binding = metadata.version("llama-cpp-python")
@@ -60,8 +60,8 @@ def main_options(
 def _complete_model(incomplete: str) -> list[str]:
     """Shell completion for MODEL: catalog names and tags, and models on disk."""
     try:
-        from localchat.catalog import completion_names
-        from localchat.store import list_local_models
+        from localchat.models.catalog import completion_names
+        from localchat.models.store import list_local_models
 
         names = completion_names() + [model.name for model in list_local_models()]
     except LocalchatError:
@@ -69,16 +69,15 @@ def _complete_model(incomplete: str) -> list[str]:
     return sorted({name for name in names if name.startswith(incomplete)})
 
 
-def ensure_local(ref: Any, *, offline: bool = False, env: Environment | None = None) -> Path:
+def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
     """The one way a resolved model becomes a file on disk: pull it when missing.
 
     A person at a terminal is asked before a download starts; scripts just get the download.
     """
     if ref.kind == "path":
         return ref.path
-    from localchat import store
+    from localchat.models import store
 
-    env = env or Environment()
     path = store.find_local_model(ref)
     if path is not None:
         return path
@@ -89,15 +88,8 @@ def ensure_local(ref: Any, *, offline: bool = False, env: Environment | None = N
     return _pull(ref, offline, env)
 
 
-def resolve_model_path(name: str, offline: bool = False) -> Path:
-    """A MODEL argument (catalog name, owner/repo:QUANT or path) to a file on disk."""
-    from localchat.catalog import resolve_model
-
-    return ensure_local(resolve_model(name), offline=offline)
-
-
 def _pull(ref: Any, offline: bool, env: Environment) -> Path:
-    from localchat import store
+    from localchat.models import store
 
     with render.download_progress(env, ref.name) as (progress, status):
         return store.pull_model(ref, progress=progress, status=status, offline=offline)
@@ -112,6 +104,7 @@ FlashAttnOption = Annotated[bool | None, typer.Option(
 
 @app.command()
 def run(
+    context: typer.Context,
     model: Annotated[str | None, typer.Argument(
         help="Catalog name[:tag], owner/repo:QUANT, or a .gguf path. [default: smollm2]",
         autocompletion=_complete_model)] = None,
@@ -157,11 +150,11 @@ def run(
     ] = False,
 ) -> None:
     """Chat at a terminal, or stream a reply to PROMPT (and piped stdin); pulls MODEL if missing."""
-    from localchat import oneshot
-    from localchat.catalog import ModelDefaults, resolve_model
+    from localchat import oneshot, settings
     from localchat.config import load_config
+    from localchat.models.catalog import ModelDefaults, resolve_model
 
-    env = Environment()
+    env = _env(context)
     config = load_config()
     interactive = prompt is None and env.stdin_isatty and not json_output
     if (session is not None or continue_last) and not interactive:
@@ -170,7 +163,7 @@ def run(
     if not local and endpoint is None and config.remote_endpoint:
         endpoint, model = config.remote_endpoint, model or config.remote_model
     ref = None if endpoint else resolve_model(model or config.model or DEFAULT_MODEL)
-    sampling = oneshot.sampling_from(config, ref.defaults if ref else ModelDefaults(),
+    sampling = settings.sampling_from(config, ref.defaults if ref else ModelDefaults(),
                                      temperature=temperature, top_p=top_p,
                                      top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
                                      seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
@@ -182,12 +175,12 @@ def run(
                       mlock=mlock, flash_attn=flash_attn, chat_format=chat_format,
                       verbose=verbose)
     if ref is None:  # the server owns the model: no catalog, no download
-        from localchat.remote import remote_options
+        from localchat.engine.remote import remote_options
 
         request = oneshot.Request(model=model or "", engine=None,
                                   remote=remote_options(endpoint or "", model, api_key), **common)
     else:  # every flag is validated here, before a download can start
-        options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), **load_flags)
+        options = settings.engine_options_from(config, ref.defaults, Path(ref.name), **load_flags)
         options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
         request = oneshot.Request(model=ref.name, engine=options, **common)
     if not interactive:
@@ -195,22 +188,26 @@ def run(
 
     def load_model(name: str) -> tuple[str, Any]:  # /model NAME in the chat
         if ref is None:
-            from localchat.remote import RemoteEngine, remote_options
+            from localchat.engine.remote import RemoteEngine, remote_options
 
             return name, RemoteEngine(remote_options(endpoint or "", name, api_key))
+        from localchat.engine.loader import load_engine
+
         new = resolve_model(name)
-        return new.name, oneshot.load_engine(oneshot.engine_options_from(
+        return new.name, load_engine(settings.engine_options_from(
             config, new.defaults, ensure_local(new, offline=offline, env=env), **load_flags))
 
-    from localchat import repl
+    from localchat.chat.repl import run_repl
+    from localchat.chat.session import ReplOptions
 
-    raise typer.Exit(repl.run_repl(request, env, repl.ReplOptions(
+    raise typer.Exit(run_repl(request, env, ReplOptions(
         markdown=not no_markdown and config.markdown is not False, session=session,
         resume_last=continue_last, load_model=load_model)))
 
 
 @app.command()
 def serve(
+    context: typer.Context,
     model: Annotated[str | None, typer.Argument(help="As for run. [default: smollm2]",
                                                 autocompletion=_complete_model)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
@@ -227,20 +224,20 @@ def serve(
     offline: OfflineOption = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions and more)."""
-    from localchat import oneshot, server
-    from localchat.catalog import resolve_model
     from localchat.config import load_config
+    from localchat.models.catalog import resolve_model
+    from localchat.serve import server
+    from localchat.settings import engine_options_from, sampling_from
 
-    env, config = Environment(), load_config()
+    env, config = _env(context), load_config()
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
-    defaults = oneshot.sampling_from(config, ref.defaults, temperature=None, top_p=None, top_k=None,
-                                     min_p=None, repeat_penalty=None, seed=None, max_tokens=None,
-                                     stop=(), ignore_eos=False)  # what `run` would use
+    defaults = sampling_from(config, ref.defaults, temperature=None, top_p=None, top_k=None,
+                             min_p=None, repeat_penalty=None, seed=None, max_tokens=None,
+                             stop=(), ignore_eos=False)  # what `run` would use
     settings = server.serve_settings(host, port, api_key, ref.name, defaults)
-    options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
-                                          threads=threads, gpu_layers=gpu_layers, cpu=cpu,
-                                          flash_attn=flash_attn, chat_format=chat_format,
-                                          verbose=verbose)
+    options = engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
+                                  threads=threads, gpu_layers=gpu_layers, cpu=cpu,
+                                  flash_attn=flash_attn, chat_format=chat_format, verbose=verbose)
     options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
     raise typer.Exit(server.serve_model(options, settings,
                                         lambda line: render.print_note(env, line)))
@@ -248,6 +245,7 @@ def serve(
 
 @app.command()
 def bench(
+    context: typer.Context,
     model: Annotated[str | None, typer.Argument(help="As for run. [default: smollm2]",
                                                 autocompletion=_complete_model)] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p",
@@ -265,15 +263,15 @@ def bench(
     from contextlib import nullcontext
 
     from localchat import bench as benchmark
-    from localchat import oneshot
-    from localchat.catalog import resolve_model
     from localchat.config import load_config
+    from localchat.models.catalog import resolve_model
+    from localchat.settings import engine_options_from
 
-    env, config = Environment(), load_config()
+    env, config = _env(context), load_config()
     settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions)
     settings.validate()  # before a download can start, like every flag
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
-    options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
+    options = engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
                                           threads=threads, flash_attn=flash_attn)
     options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
     bar = None
@@ -299,12 +297,12 @@ def bench(
 
 
 @app.command()
-def pull(model: ModelArgument, offline: OfflineOption = False) -> None:
+def pull(context: typer.Context, model: ModelArgument, offline: OfflineOption = False) -> None:
     """Download a model into the Hugging Face cache (resumes, verifies sha256)."""
-    from localchat import store
-    from localchat.catalog import resolve_model
+    from localchat.models import store
+    from localchat.models.catalog import resolve_model
 
-    env = Environment()
+    env = _env(context)
     ref = resolve_model(model, allow_path=False)
     already = store.find_local_model(ref)
     path = already or _pull(ref, offline, env)
@@ -312,11 +310,13 @@ def pull(model: ModelArgument, offline: OfflineOption = False) -> None:
 
 
 @app.command("list")
-def list_models(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+def list_models(
+    context: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """Models on disk: catalog models and any other GGUF in the Hugging Face cache."""
-    from localchat import store
+    from localchat.models import store
 
-    env = Environment()
+    env = _env(context)
     models = store.list_local_models()
     records = [{**asdict(m), "path": str(m.path), "context_length": _trained_context(m.path)}
                for m in models]
@@ -332,7 +332,7 @@ def list_models(json_output: Annotated[bool, typer.Option("--json")] = False) ->
 
 
 def _trained_context(path: Path) -> int | None:
-    from localchat.modelfile import read_model_file
+    from localchat.models.gguf_reader import read_model_file
 
     try:
         return read_model_file(path).context_length
@@ -342,16 +342,17 @@ def _trained_context(path: Path) -> int | None:
 
 @app.command()
 def show(
+    context: typer.Context,
     model: ModelArgument,
     ctx: Annotated[int | None, typer.Option(help="Context size for the memory estimate.")] = None,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
-    from localchat import store
-    from localchat.backend import available_memory_bytes
-    from localchat.catalog import resolve_model
-    from localchat.modelfile import estimate_memory, read_model_file
+    from localchat.engine.runtime import available_memory_bytes
+    from localchat.models import store
+    from localchat.models.catalog import resolve_model
+    from localchat.models.gguf_reader import estimate_memory, read_model_file
 
-    env = Environment()
+    env = _env(context)
     ref = resolve_model(model)
     path = store.find_local_model(ref) if ref.kind != "path" else ref.path
     if path is None:
@@ -367,12 +368,12 @@ def show(
 
 
 @app.command()
-def rm(model: ModelArgument) -> None:
+def rm(context: typer.Context, model: ModelArgument) -> None:
     """Delete a downloaded model (other tools' files in the cache are left alone)."""
-    from localchat import store
-    from localchat.catalog import resolve_model
+    from localchat.models import store
+    from localchat.models.catalog import resolve_model
 
-    env = Environment()
+    env = _env(context)
     freed = store.remove_model(resolve_model(model, allow_path=False))
     render.print_note(env, f"removed {model} ({render.format_bytes(freed)} freed)")
 
@@ -389,7 +390,7 @@ LimitOption = Annotated[int, typer.Option("--limit", "-n", min=1, help="At most 
 @contextmanager
 def _history() -> Iterator[Any]:
     """The history database, or None when nothing was ever saved (reading creates nothing)."""
-    from localchat.history import default_history_path, open_history
+    from localchat.history.records import default_history_path, open_history
 
     path = default_history_path()
     if not path.exists():
@@ -412,7 +413,7 @@ def history_list(ctx: typer.Context, limit: LimitOption = 20) -> None:
     """Recent conversations, newest first (the default when no command is given)."""
     if ctx.invoked_subcommand is not None:
         return
-    env = Environment()
+    env = _env(ctx)
     with _history() as store:
         summaries = store.list_conversations(limit) if store else []
     if not summaries:
@@ -424,9 +425,9 @@ def history_list(ctx: typer.Context, limit: LimitOption = 20) -> None:
 
 
 @history_app.command("show")
-def history_show(conversation: ConversationArgument) -> None:
+def history_show(context: typer.Context, conversation: ConversationArgument) -> None:
     """The whole transcript of a conversation."""
-    env = Environment()
+    env = _env(context)
     with _history() as store:
         record = _conversation(store, conversation)
         messages = store.messages(record.id)
@@ -442,12 +443,12 @@ def history_show(conversation: ConversationArgument) -> None:
 
 
 @history_app.command("search")
-def history_search(
+def history_search(context: typer.Context, 
     words: Annotated[list[str], typer.Argument(help="Words to find (all of them, any form).")],
     limit: LimitOption = 20,
 ) -> None:
     """Full-text search over everything said, best match first."""
-    env, text = Environment(), " ".join(words)
+    env, text = _env(context), " ".join(words)
     with _history() as store:
         hits = store.search(text, limit) if store else []
     if not hits:
@@ -459,21 +460,21 @@ def history_search(
 
 
 @history_app.command("export")
-def history_export(
+def history_export(context: typer.Context, 
     conversation: ConversationArgument,
     format: Annotated[str, typer.Option("--format", "-f", help="md or json.")] = "md",
 ) -> None:
     """Print a conversation as Markdown or JSON."""
-    env = Environment()
+    env = _env(context)
     with _history() as store:
         text = store.export_conversation(_conversation(store, conversation).id, format)
     env.stdout.write(text.rstrip("\n") + "\n")
 
 
 @history_app.command("rm")
-def history_rm(conversation: ConversationArgument) -> None:
+def history_rm(context: typer.Context, conversation: ConversationArgument) -> None:
     """Delete a conversation, its messages and its KV-cache snapshots."""
-    env = Environment()
+    env = _env(context)
     with _history() as store:
         record = _conversation(store, conversation)
         removed = store.delete_conversation(record.id)
@@ -481,19 +482,30 @@ def history_rm(conversation: ConversationArgument) -> None:
     render.print_note(env, f"removed conversation {conversation}{snapshots}")
 
 
+def _env(context: typer.Context) -> Environment:
+    """The Environment `main` was given, which click hands from context to sub-context."""
+    env = context.obj
+    assert isinstance(env, Environment), "commands run through cli.main"
+    return env
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("LOCALCHAT_DEBUG", "") not in ("", "0")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and map every failure to one line and an exit code."""
+def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
+    """Entry point: run the app and map every failure to one line and an exit code.
+
+    `env` (the streams and terminal facts) is passed down to every command through click's
+    context object; tests call `main(argv, env)` in-process with their own.
+    """
     click = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
-    env = Environment()
+    env = env or Environment()
     debug = _debug_requested(argv)
     try:
         result: Any = typer.main.get_command(app).main(
-            args=argv, prog_name="localchat", standalone_mode=False
+            args=argv, prog_name="localchat", standalone_mode=False, obj=env
         )
         code = result if isinstance(result, int) else ExitStatus.OK
     except typer.Exit as exc:

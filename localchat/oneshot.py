@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from localchat.catalog import ModelDefaults
-from localchat.config import Config
-from localchat.engine import EngineOptions, LocalEngine, Sampling
+from localchat.engine.loader import open_engine
+from localchat.engine.local import EngineOptions
+from localchat.engine.protocol import Sampling
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import (
     Environment,
@@ -21,9 +20,9 @@ from localchat.render import (
 )
 
 if TYPE_CHECKING:
-    from localchat.engine import GenerationStats
-    from localchat.history import HistoryStore
-    from localchat.remote import Engine, RemoteOptions
+    from localchat.engine.protocol import GenerationStats
+    from localchat.engine.remote import RemoteOptions
+    from localchat.history.records import HistoryStore
 
 
 @dataclass(frozen=True)
@@ -41,83 +40,10 @@ class Request:
     history: bool = False  # record the exchange in the history database
 
 
-def _pick(*candidates: Any) -> Any:
-    """The first value that is set: flag, then config file, then catalog, then built-in."""
-    return next((value for value in candidates if value is not None), None)
-
-
-def sampling_from(config: Config, model: ModelDefaults, **flags: Any) -> Sampling:
-    """Sampling settings from flags over config over the model's catalog defaults, validated."""
-    builtin = Sampling()
-    sampling = Sampling(
-        temperature=_pick(flags["temperature"], config.temperature, model.temperature,
-                          builtin.temperature),
-        top_p=_pick(flags["top_p"], config.top_p, model.top_p, builtin.top_p),
-        top_k=_pick(flags["top_k"], config.top_k, model.top_k, builtin.top_k),
-        min_p=_pick(flags["min_p"], config.min_p, model.min_p, builtin.min_p),
-        repeat_penalty=_pick(flags["repeat_penalty"], config.repeat_penalty,
-                             model.repeat_penalty, builtin.repeat_penalty),
-        seed=_pick(flags["seed"], config.seed),
-        max_tokens=_pick(flags["max_tokens"], config.max_tokens),
-        stop=flags["stop"],
-        ignore_eos=flags["ignore_eos"],
-    )
-    sampling.validate()
-    return sampling
-
-
-LOAD_FLAGS = frozenset({"ctx", "threads", "gpu_layers", "cpu", "mmap", "mlock", "flash_attn",
-                        "chat_format", "verbose"})
-
-
-def engine_options_from(config: Config, model: ModelDefaults, model_path: Path,
-                        **flags: Any) -> EngineOptions:
-    """Load options from flags over config over the model's catalog defaults, validated.
-
-    `flags` holds the command's LOAD_FLAGS by name; a missing or None flag falls through to the
-    config.
-    """
-    unknown = set(flags) - LOAD_FLAGS
-    if unknown:
-        raise TypeError(f"unknown load flags: {sorted(unknown)}")
-    options = EngineOptions(
-        model_path=model_path,
-        n_ctx=_pick(flags.get("ctx"), config.ctx, model.ctx),
-        threads=_pick(flags.get("threads"), config.threads),
-        gpu_layers=_pick(flags.get("gpu_layers"), config.gpu_layers),
-        cpu_only=bool(flags.get("cpu")),
-        use_mmap=_pick(flags.get("mmap"), config.mmap, True),
-        use_mlock=bool(flags.get("mlock")),
-        flash_attn=_pick(flags.get("flash_attn"), config.flash_attn, True),
-        chat_format=_pick(flags.get("chat_format"), config.chat_format),
-        verbose=bool(flags.get("verbose")),
-    )
-    options.validate()
-    return options
-
-
 def compose_prompt(piped: str | None, prompt: str | None) -> str:
     """Piped text first, then the prompt, separated by a blank line."""
     parts = [part.strip("\n") for part in (piped, prompt) if part and part.strip()]
     return "\n\n".join(parts)
-
-
-def load_engine(options: EngineOptions) -> LocalEngine:
-    """The one way a model gets loaded: validate the file's header, then hand it to llama.cpp."""
-    from localchat.modelfile import read_model_file
-
-    info = read_model_file(options.model_path)
-    return LocalEngine(options, info)
-
-
-def open_engine(request: Request) -> Engine:
-    """The local model through `load_engine`, or the server `--endpoint` names."""
-    if request.remote is not None:
-        from localchat.remote import RemoteEngine
-
-        return RemoteEngine(request.remote)
-    assert request.engine is not None  # the CLI gives one or the other
-    return load_engine(request.engine)
 
 
 def run_once(request: Request, env: Environment) -> int:
@@ -184,7 +110,7 @@ class Recording:
 
 def start_recording(request: Request, env: Environment, text: str) -> Recording | None:
     """Start a conversation holding the user's message; None (after a note) if history fails."""
-    from localchat.history import open_history
+    from localchat.history.records import open_history
 
     try:
         store = open_history()

@@ -21,8 +21,8 @@ import time
 from rich.console import Console
 from rich.markdown import Markdown
 
-from localchat import markdown_stream
-from localchat.markdown_stream import MarkdownStream
+from localchat.chat import markdown_stream
+from localchat.chat.markdown_stream import MarkdownStream
 
 # -----------------------------------------------------------------------------
 answer_tokens = 4000  # the long answer the target names

@@ -35,11 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["LOCALCHAT_HOME"] = tempfile.mkdtemp(prefix="localchat-bench-repl-")
 sys.path.insert(0, str(ROOT))
 
-from localchat.chat import messages_for_model  # noqa: E402
-from localchat.engine import EngineOptions, Sampling  # noqa: E402
-from localchat.oneshot import Request, load_engine  # noqa: E402
+from localchat.chat.conversation import messages_for_model  # noqa: E402
+from localchat.chat.session import ChatSession, ReplOptions  # noqa: E402
+from localchat.engine.loader import load_engine  # noqa: E402
+from localchat.engine.local import EngineOptions  # noqa: E402
+from localchat.engine.protocol import Sampling  # noqa: E402
+from localchat.oneshot import Request  # noqa: E402
 from localchat.render import Environment  # noqa: E402
-from localchat.repl import ChatSession, ReplOptions  # noqa: E402
 
 
 def load_script(name: str):

@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["LOCALCHAT_HOME"] = tempfile.mkdtemp(prefix="localchat-bench-resume-")
 sys.path.insert(0, str(ROOT))
 
-from localchat import snapshots  # noqa: E402
-from localchat.engine import EngineOptions, LocalEngine, Sampling  # noqa: E402
-from localchat.history import open_history  # noqa: E402
-from localchat.modelfile import read_model_file  # noqa: E402
+from localchat.engine.local import EngineOptions, LocalEngine  # noqa: E402
+from localchat.engine.protocol import Sampling  # noqa: E402
+from localchat.history import snapshots  # noqa: E402
+from localchat.history.records import open_history  # noqa: E402
+from localchat.models.gguf_reader import read_model_file  # noqa: E402
 
 # One token is enough: time to first token is the figure, and decoding would only add noise.
 FIRST_TOKEN = Sampling(temperature=0.0, max_tokens=1)

@@ -33,7 +33,7 @@ TIMEOUT_S = 30.0
 def warm_up(valid_file: Path, scratch: Path) -> None:
     """Import what `show` and `run` import lazily (typer's pydantic adapters, the catalog...)
     by showing the valid file once in this process, so each child pays only for its own work."""
-    from localchat import engine, history, oneshot  # noqa: F401 - run's modules, not llama_cpp
+    from localchat import oneshot  # noqa: F401 - run's modules, not llama_cpp
 
     saved = os.dup(1), os.dup(2)
     code = None

@@ -14,9 +14,10 @@ import pexpect
 import pytest
 
 from localchat import bench
-from localchat.engine import EngineOptions, Sampling
-from localchat.modelfile import read_model_file
-from localchat.oneshot import load_engine
+from localchat.engine.loader import load_engine
+from localchat.engine.local import EngineOptions
+from localchat.engine.protocol import Sampling
+from localchat.models.gguf_reader import read_model_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from localchat import paths
-from localchat.catalog import (
+from localchat.errors import ConfigError, ModelFileError, UsageError
+from localchat.models.catalog import (
     completion_names,
     load_catalog,
     quant_of,
     resolve_model,
     select_gguf,
 )
-from localchat.errors import ConfigError, ModelFileError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from localchat.chat import (
+from localchat.chat.conversation import (
     SETTINGS,
     Conversation,
     Message,

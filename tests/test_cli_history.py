@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from localchat import paths, snapshots
-from localchat.engine import EngineOptions, Sampling
-from localchat.history import open_history
+from localchat import paths
+from localchat.engine.local import EngineOptions
+from localchat.engine.protocol import Sampling
+from localchat.history import snapshots
+from localchat.history.records import open_history
 from localchat.oneshot import Request, run_once
 from localchat.render import Environment
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from localchat.backend import physical_core_count
-from localchat.engine import EngineOptions, LocalEngine, Sampling
+from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.protocol import Sampling
+from localchat.engine.runtime import physical_core_count
 from localchat.errors import ContextOverflowError, UsageError
-from localchat.modelfile import read_model_file
+from localchat.models.gguf_reader import read_model_file
 
 pytestmark = pytest.mark.slow
 

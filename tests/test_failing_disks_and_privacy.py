@@ -48,7 +48,7 @@ import pytest
 from hub_server import HubServer, sha256_of
 
 from localchat import paths
-from localchat.history import open_history
+from localchat.history.records import open_history
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from localchat import history, history_db, paths
+from localchat import paths
 from localchat.errors import LocalchatError, UsageError
-from localchat.history import open_history
+from localchat.history import database as history_db
+from localchat.history import records as history
+from localchat.history.records import open_history
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -521,7 +523,7 @@ def test_an_existing_history_in_a_read_only_dir_gives_a_clear_error_untouched(
 CHILD = r"""
 import sys
 from pathlib import Path
-from localchat.history import open_history
+from localchat.history.records import open_history
 
 trial = int(sys.argv[2])
 with open_history(Path(sys.argv[1])) as store:

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.syntax import Syntax
 
-from localchat import markdown_stream
-from localchat.markdown_stream import SPLIT_CHARS, MarkdownStream
+from localchat.chat import markdown_stream
+from localchat.chat.markdown_stream import SPLIT_CHARS, MarkdownStream
 from localchat.render import PlainStream
 
 WIDTH = 80

@@ -23,7 +23,7 @@ from gguf_factory import (
 )
 
 from localchat.errors import ModelFileError
-from localchat.modelfile import ArraySummary, estimate_memory, read_model_file
+from localchat.models.gguf_reader import ArraySummary, estimate_memory, read_model_file
 
 SAFETY_NET = "unexpected"  # read_model_file's catch-all wording: reaching it is a missed check
 HEADER_REGION = 2 * 1024 * 1024  # SmolLM2's metadata and tensor table end at ~1.79 MB

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from localchat.catalog import ModelDefaults
 from localchat.config import Config
 from localchat.errors import UsageError
-from localchat.oneshot import engine_options_from, sampling_from
+from localchat.models.catalog import ModelDefaults
+from localchat.settings import engine_options_from, sampling_from
 
 MODEL = Path("model.gguf")
 

@@ -12,14 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from localchat.engine import Sampling
-from localchat.errors import EngineError, UsageError
-from localchat.remote import (
+from localchat.engine.protocol import Sampling
+from localchat.engine.remote import (
     RemoteEngine,
     RemoteOptions,
     normalize_endpoint,
     remote_options,
 )
+from localchat.errors import EngineError, UsageError
 
 GREEDY = Sampling(temperature=0, max_tokens=16)
 HELLO = [{"role": "user", "content": "hi"}]
@@ -389,7 +389,7 @@ def test_run_endpoint_faults_are_one_line_errors(fake_server):
     assert cut.returncode == 1
     assert cut.stdout == "Part\n"  # what arrived was shown
     assert "closed the stream halfway" in cut.stderr and "Traceback" not in cut.stderr
-    from localchat.history import open_history
+    from localchat.history.records import open_history
 
     store = open_history()
     try:

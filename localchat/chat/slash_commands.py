@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-from localchat.chat import SETTINGS, parse_setting
+from localchat.chat.conversation import SETTINGS, parse_setting
 from localchat.errors import LocalchatError, UsageError
 from localchat.render import format_rate, format_when, print_fields, print_note, print_table
 
 if TYPE_CHECKING:
-    from localchat.history import HistoryStore
-    from localchat.repl import ChatSession
+    from localchat.chat.session import ChatSession
+    from localchat.history.records import HistoryStore
 
 Handler = Callable[["ChatSession", str], bool]
 
@@ -169,7 +169,7 @@ def _model(chat: ChatSession, argument: str) -> bool:
 
 
 def _save(chat: ChatSession, argument: str) -> bool:
-    from localchat.history import validate_name
+    from localchat.history.records import validate_name
 
     store = _require_history(chat)
     if not argument:
@@ -278,8 +278,8 @@ def _first_arguments(chat: ChatSession, command: str) -> list[str]:
 
 def _model_names() -> list[str]:
     try:
-        from localchat.catalog import completion_names
-        from localchat.store import list_local_models
+        from localchat.models.catalog import completion_names
+        from localchat.models.store import list_local_models
 
         names = completion_names() + [model.name for model in list_local_models()]
     except LocalchatError:

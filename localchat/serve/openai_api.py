@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from localchat.engine import GenerationStats, Sampling
+from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.errors import UsageError
 
 _COMMON_FIELDS = frozenset({

@@ -17,11 +17,12 @@ import ssl
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from localchat import __version__
-from localchat.engine import DEFAULT_CONTEXT, GenerationStats, Sampling
+from localchat.engine.local import DEFAULT_CONTEXT
+from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.errors import EngineError, UsageError
 
 API_KEY_ENV = "LOCALCHAT_API_KEY"
@@ -29,39 +30,6 @@ DEFAULT_TIMEOUT_S = 120.0  # per socket operation: a big prompt on a busy server
 CHARS_PER_TOKEN = 4  # what BPE vocabularies average on English text; only for estimates
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # one server-sent event; more means the stream is garbage
 _SAMPLING_DEFAULTS = Sampling()
-
-
-class EngineInfo(Protocol):
-    """What callers read about a ready engine: `LoadInfo` locally, `RemoteInfo` remotely."""
-
-    @property
-    def model_path(self) -> object: ...
-    @property
-    def load_s(self) -> float: ...
-    @property
-    def n_ctx(self) -> int: ...
-    @property
-    def threads(self) -> int: ...
-    @property
-    def backend(self) -> str: ...
-    @property
-    def chat_format(self) -> str: ...
-    @property
-    def chat_format_source(self) -> str: ...
-
-
-class Engine(Protocol):
-    """The interface one-shot runs, the REPL and benchmarks use: LocalEngine and RemoteEngine."""
-
-    last_stats: GenerationStats | None
-
-    @property
-    def info(self) -> EngineInfo: ...
-    @property
-    def n_ctx(self) -> int: ...
-    def count_tokens(self, messages: Sequence[dict[str, str]]) -> int: ...
-    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling) -> Iterator[str]: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

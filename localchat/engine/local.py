@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localchat import templates
-from localchat.backend import (
+from localchat.engine import templates
+from localchat.engine.protocol import GenerationStats, Sampling
+from localchat.engine.runtime import (
     compiled_backend,
     deferred_interrupts,
     import_llama_cpp,
@@ -56,71 +57,6 @@ class EngineOptions:
             raise UsageError(f"--threads must be at least 1 (got {self.threads})")
         if self.gpu_layers is not None and self.gpu_layers < 0:
             raise UsageError(f"--gpu-layers must be 0 or more (got {self.gpu_layers})")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling settings; temperature 0 means greedy (deterministic)."""
-
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        """Check ranges; a bad value is a usage error naming the flag."""
-        checks = [
-            (self.temperature >= 0, f"--temperature must be 0 or more (got {self.temperature})"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
-            (self.top_k >= 0, f"--top-k must be 0 (off) or more (got {self.top_k})"),
-            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (got {self.min_p})"),
-            (self.repeat_penalty > 0,
-             f"--repeat-penalty must be above 0 (got {self.repeat_penalty})"),
-            (self.max_tokens is None or self.max_tokens > 0,
-             f"--max-tokens must be 1 or more (got {self.max_tokens})"),
-            (self.seed is None or 0 <= self.seed < 2**32 - 1,
-             f"--seed must be in [0, 4294967294] (got {self.seed})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """What one reply cost, counted by the engine (tokens) and the wall clock (seconds)."""
-
-    prompt_tokens: int  # all tokens of the formatted prompt
-    cached_tokens: int  # reused from the KV cache of the previous turn
-    completion_tokens: int
-    ttft_s: float  # from the call to the first generated token
-    prefill_s: float  # evaluating the new prompt tokens
-    decode_s: float  # from the first generated token to the last
-    finish_reason: str  # stop | length | interrupted
-
-    @property
-    def prefill_tokens(self) -> int:
-        """Prompt tokens actually processed this turn."""
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def prefill_tokens_per_s(self) -> float | None:
-        """Prompt processing speed, or None when too little was processed to time."""
-        if self.prefill_tokens <= 0 or self.prefill_s <= 0:
-            return None
-        return self.prefill_tokens / self.prefill_s
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """Generation speed over the tokens after the first, as llama.cpp reports it."""
-        if self.completion_tokens < 2 or self.decode_s <= 0:
-            return None
-        return (self.completion_tokens - 1) / self.decode_s
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from localchat import openai_format as api
-from localchat.engine import EngineOptions, LocalEngine, Sampling
+from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.protocol import Sampling
+from localchat.engine.remote import api_key_from
 from localchat.errors import ContextOverflowError, ExitStatus, LocalchatError, UsageError
-from localchat.remote import api_key_from
+from localchat.serve import openai_api as api
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any context window's worth of text
 IDLE_TIMEOUT_S = 120  # a keep-alive connection left idle this long frees its thread
@@ -73,7 +74,7 @@ def is_loopback(host: str) -> bool:
 def serve_model(options: EngineOptions, settings: ServeSettings,
                 log: Callable[[str], None]) -> int:
     """Listen, load the model through the one loader, and answer requests until Ctrl-C."""
-    from localchat.oneshot import load_engine
+    from localchat.engine.loader import load_engine
 
     server = ApiServer(settings, log)  # a busy port fails here, before a slow model load
     if threading.current_thread() is threading.main_thread():

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from localchat import paths
-from localchat.backend import import_llama_cpp
+from localchat.engine.runtime import import_llama_cpp
 from localchat.errors import LocalchatError
-from localchat.history import HistoryStore
+from localchat.history.records import HistoryStore
 
 MAGIC = b"LCKVSNAP"
 FORMAT_VERSION = 1

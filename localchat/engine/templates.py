@@ -172,7 +172,7 @@ def render(
         return "\n\n".join(message["content"] for message in messages)
     import jinja2
 
-    from localchat import template_sandbox
+    from localchat.engine import template_sandbox
 
     check(template)  # compiled once per template text (cached); a syntax error is named there
     try:
@@ -210,7 +210,7 @@ def check(template: ChatTemplate) -> None:
         return
     import jinja2
 
-    from localchat import template_sandbox
+    from localchat.engine import template_sandbox
 
     try:
         template_sandbox.compile_template(template.text)

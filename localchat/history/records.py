@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from localchat import history_db
 from localchat.errors import LocalchatError, UsageError
-from localchat.history_db import default_history_path
+from localchat.history import database as history_db
+from localchat.history.database import default_history_path
 
 ROLES = ("system", "user", "assistant")
 PREVIEW_CHARS = 80
