@@ -156,13 +156,15 @@ def run(
 
     env = _env(context)
     config = load_config()
+    if prompt is None and model is not None and _is_prompt(model):
+        model, prompt = None, model  # `localchat run "Why is the sky blue?"`: the default model
     interactive = prompt is None and env.stdin_isatty and not json_output
     if (session is not None or continue_last) and not interactive:
         raise UsageError("--session and --continue are for the interactive chat",
                          "leave out PROMPT and run at a terminal")
     if not local and endpoint is None and config.remote_endpoint:
         endpoint, model = config.remote_endpoint, model or config.remote_model
-    ref = None if endpoint else resolve_model(model or config.model or DEFAULT_MODEL)
+    ref = None if endpoint else _resolve_run_model(model, prompt, config.model)
     sampling = settings.sampling_from(config, ref.defaults if ref else ModelDefaults(),
                                      temperature=temperature, top_p=top_p,
                                      top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
@@ -203,6 +205,25 @@ def run(
     raise typer.Exit(run_repl(request, env, ReplOptions(
         markdown=not no_markdown and config.markdown is not False, session=session,
         resume_last=continue_last, load_model=load_model)))
+
+
+def _is_prompt(argument: str) -> bool:
+    """A model name never contains whitespace: a lone argument that does is the prompt."""
+    return any(character.isspace() for character in argument)
+
+
+def _resolve_run_model(model: str | None, prompt: str | None, configured: str | None) -> Any:
+    """`run`'s MODEL; a lone word that names no model is probably a one-word prompt."""
+    from localchat.models.catalog import resolve_model
+
+    try:
+        return resolve_model(model or configured or DEFAULT_MODEL)
+    except UsageError as exc:
+        if model is None or prompt is not None:
+            raise
+        default = configured or DEFAULT_MODEL
+        usage = f'a one-word prompt for the default model: localchat run {default} "{model}"'
+        raise UsageError(exc.message, f"{exc.hint}; {usage}" if exc.hint else usage) from exc
 
 
 @app.command()
@@ -504,10 +525,7 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     env = env or Environment()
     debug = _debug_requested(argv)
     try:
-        result: Any = typer.main.get_command(app).main(
-            args=argv, prog_name="localchat", standalone_mode=False, obj=env
-        )
-        code = result if isinstance(result, int) else ExitStatus.OK
+        code = _invoke(argv, env)
     except typer.Exit as exc:
         code = exc.exit_code
     except click.NoArgsIsHelpError:
@@ -528,6 +546,11 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
         code = ExitStatus.OK
+    except SystemExit as exc:  # rich meets a closed pipe with exit 1; the reader just left early
+        if not isinstance(exc.__context__, BrokenPipeError):
+            raise
+        _silence_stdout()
+        code = ExitStatus.OK
     except LocalchatError as exc:
         if debug:
             raise
@@ -546,6 +569,19 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
         print_error(env, full or LocalchatError(str(exc), "run with --debug for the traceback"))
         code = ExitStatus.ERROR
     sys.exit(int(code))
+
+
+def _invoke(argv: list[str], env: Environment) -> int:
+    """Parse and run one command, letting every exception reach `main`'s handler.
+
+    Click's own `main` turns a broken pipe into exit 1 before we see it (`| head -1` would fail a
+    `set -o pipefail` script), so we do what it does without its exception handling.
+    """
+    command = typer.main.get_command(app)
+    command._main_shell_completion({}, "localchat", None)  # exits when a shell asks to complete
+    with command.make_context("localchat", argv, obj=env) as context:
+        result = command.invoke(context)
+    return result if isinstance(result, int) else ExitStatus.OK
 
 
 def _click_exceptions() -> Any:
