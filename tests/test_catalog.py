@@ -31,8 +31,9 @@ def write_user_catalog(text: str) -> Path:
 # ---- the shipped catalog -----------------------------------------------------------------------
 
 
-def test_packaged_catalog_is_byte_identical_to_the_root_copy():
-    assert (ROOT / "localchat" / "models.toml").read_bytes() == (ROOT / "models.toml").read_bytes()
+def test_the_catalog_is_committed_once_and_the_package_links_to_it():
+    packaged = ROOT / "localchat" / "models" / "models.toml"
+    assert packaged.is_symlink() and packaged.resolve() == (ROOT / "models.toml").resolve()
 
 
 def test_shipped_catalog_has_12_to_20_models_each_with_a_checked_note():

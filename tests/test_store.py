@@ -309,7 +309,7 @@ def test_an_unreachable_hub_without_a_mirror_is_a_clear_error(online):
 
 def test_two_processes_pulling_at_once_end_with_one_good_file(hub, python_exe):
     hub.chunk_delay_s = 0.03  # about three seconds per download
-    script = ("from localchat import store, catalog; "
+    script = ("from localchat.models import catalog, store; "
               "print(store.pull_model(catalog.resolve_model('tiny'), status=print))")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
 
