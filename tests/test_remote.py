@@ -375,6 +375,17 @@ def test_run_endpoint_prints_the_reply_and_json_counts(fake_server, isolated_hom
     assert not any(b"top-secret-value" in path.read_bytes() for path in files)  # ...without it
 
 
+def test_run_stop_reads_the_escapes_a_shell_passes_through(fake_server):
+    server = fake_server({
+        ("GET", "/v1/models"): models({"id": "m"}),
+        ("POST", "/v1/chat/completions"): sse(delta("ok"), delta(finish="stop")),
+    })
+    result = localchat("run", "--endpoint", server.url, "m", "hi", "--stop", r"\n\n",
+                       "--stop", r"tab\there", "--stop", r"a\\n")
+    assert result.returncode == 0, result.stderr
+    assert server.requests[-1]["body"]["stop"] == ["\n\n", "tab\there", "a\\n"]
+
+
 def test_run_endpoint_faults_are_one_line_errors(fake_server):
     refused = localchat("run", "--endpoint", f"http://127.0.0.1:{free_port()}/v1", "m", "hi")
     assert refused.returncode == 1

@@ -256,7 +256,7 @@ def test_unknown_commands_and_bad_values_are_one_line_each(fresh):
     errors = error_lines(result.stderr)
     assert len(errors) == 6
     assert errors[0].startswith("error: unknown command /nosuch")
-    assert "bad value for temperature: 'abc'" in errors[1]
+    assert "/set temperature must be a number, 0 or more (got 'abc')" in errors[1]
     assert "unknown setting 'warmth'" in errors[3]
     assert 'wrap it in """' in errors[4]
     assert result.stdout.endswith("tokens used\n")
