@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
             raise
         from localchat.render import print_error
 
-        command = exc.ctx.command_path if exc.ctx else "localchat"
+        command = exc.ctx.command_path if exc.ctx else _command_path(argv)
         print_error(env, UsageError(exc.format_message(), f"see `{command} --help`"))
         code = ExitStatus.USAGE
     except click.ClickException as exc:
@@ -580,6 +580,18 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
         print_error(env, full or LocalchatError(str(exc), "run with --debug for the traceback"))
         code = ExitStatus.ERROR
     sys.exit(int(code))
+
+
+def _command_path(argv: list[str]) -> str:
+    """`localchat run` for an error click raised before it made the command's context."""
+    group, names = typer.main.get_command(app), ["localchat"]
+    for word in argv:
+        sub = getattr(group, "commands", {}).get(word)
+        if sub is None and not word.startswith("-"):
+            break
+        if sub is not None:
+            group, names = sub, [*names, word]
+    return " ".join(names)
 
 
 def _click_exceptions() -> Any:

@@ -474,3 +474,11 @@ def test_every_option_of_every_command_has_help():
         for param in command.params:
             assert param.help, f"{command.name} {param.name}"
 
+
+def test_a_usage_error_in_a_command_points_at_that_commands_help():
+    result = run_cli("run", "model.gguf", "--top-p")
+    assert result.exit_code == 2
+    assert result.stderr == ("error: Option '--top-p' requires an argument. "
+                             "(see `localchat run --help`)\n")
+    result = run_cli("history", "export", "x", "--format")
+    assert "(see `localchat history export --help`)" in result.stderr
