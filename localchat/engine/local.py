@@ -285,10 +285,12 @@ class LocalEngine:
         if sampling.ignore_eos and self._end_of_generation_tokens:
             sampler.add_logit_bias(n_vocab, dict.fromkeys(self._end_of_generation_tokens,
                                                           float("-inf")))
-        if sampling.repeat_penalty != 1.0:
+        if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) \
+                != (1.0, 0.0, 0.0):
             sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
-                                  penalty_repeat=sampling.repeat_penalty, penalty_freq=0.0,
-                                  penalty_present=0.0)
+                                  penalty_repeat=sampling.repeat_penalty,
+                                  penalty_freq=sampling.frequency_penalty,
+                                  penalty_present=sampling.presence_penalty)
         if sampling.temperature == 0:
             sampler.add_greedy()
             return sampler

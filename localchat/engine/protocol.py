@@ -24,6 +24,8 @@ class Sampling:
     top_k: int = settings.get("top_k").default
     min_p: float = settings.get("min_p").default
     repeat_penalty: float = settings.get("repeat_penalty").default
+    presence_penalty: float = settings.get("presence_penalty").default
+    frequency_penalty: float = settings.get("frequency_penalty").default
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()

@@ -1,8 +1,8 @@
 """The OpenAI wire format for `localchat serve`: request checking and reply bodies, no I/O.
 
 Requests are checked strictly: an unknown field, a wrong type, or a feature we do not have
-(n > 1, tools, logprobs, OpenAI's additive penalties) is a 400 naming the field, never silently
-ignored. Sampling defaults are `localchat run`'s, so the same request gives the same text.
+(n > 1, tools, logprobs) is a 400 naming the field, never silently ignored. Sampling defaults
+are `localchat run`'s, so the same request gives the same text.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from localchat.engine.protocol import GenerationStats, Sampling
 SAMPLING_FIELDS: dict[str, settings.Setting] = {
     name: setting for setting in settings.in_scope("sampling")
     for name in (setting.openai, setting.openai_alias) if name}
-_COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "n", "user", "presence_penalty",
-                            "frequency_penalty", "logit_bias", "logprobs", *SAMPLING_FIELDS})
+_COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "n", "user", "logit_bias",
+                            "logprobs", *SAMPLING_FIELDS})
 FIELDS = {
     "chat": _COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools",
                               "tool_choice", "parallel_tool_calls"},
@@ -31,11 +31,9 @@ FIELDS = {
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
     "suffix": ("",), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "response_format": ({"type": "text"},),
 }
 _OFF_HINTS = {
-    "presence_penalty": "use repeat_penalty (llama.cpp's multiplicative penalty) instead",
-    "frequency_penalty": "use repeat_penalty (llama.cpp's multiplicative penalty) instead",
     "n": "send one request per reply",
 }
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
