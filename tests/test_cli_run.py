@@ -122,6 +122,14 @@ def test_system_prompt_flag(smollm2_path):
     assert pirate["text"] != plain["text"]
 
 
+def test_stop_reads_escapes_so_the_readme_example_stops_at_a_blank_line(smollm2_path):
+    result = localchat("run", str(smollm2_path), "Name three primary colours.", *GREEDY,
+                       "--stop", r"\n\n", "--json")
+    record = json.loads(result.stdout)
+    assert record["finish_reason"] == "stop", record
+    assert record["text"] and "\n\n" not in record["text"]
+
+
 def test_config_file_sets_defaults_and_flags_override(smollm2_path, isolated_home):
     config_dir = isolated_home / "config"
     config_dir.mkdir(parents=True)

@@ -169,13 +169,14 @@ def test_sampling_beyond_openai_goes_under_both_servers_names(fake_server):
     })
     engine = RemoteEngine(remote_options(server.url, "m", None))
     sampling = Sampling(temperature=0.7, top_k=10, min_p=0.1, repeat_penalty=1.1, seed=5,
-                        stop=("END",), ignore_eos=True)
+                        stop=("END",), ignore_eos=True, presence_penalty=0.5)
     pieces, error = collect(engine, sampling)
     assert (pieces, error) == (["ok"], None)
     body = server.requests[-1]["body"]
     assert body["top_k"] == 10 and body["min_p"] == 0.1 and body["top_p"] == 0.95
     assert body["repeat_penalty"] == body["repetition_penalty"] == 1.1
     assert body["seed"] == 5 and body["stop"] == ["END"] and body["ignore_eos"] is True
+    assert body["presence_penalty"] == 0.5 and "frequency_penalty" not in body  # 0 is off
     assert "Authorization" not in server.requests[-1]["headers"]
     # without usage the counts fall back to what we saw and estimated
     assert engine.last_stats.completion_tokens == 1
@@ -373,6 +374,17 @@ def test_run_endpoint_prints_the_reply_and_json_counts(fake_server, isolated_hom
     files = [path for path in isolated_home.rglob("*") if path.is_file()]
     assert files  # the history was written...
     assert not any(b"top-secret-value" in path.read_bytes() for path in files)  # ...without it
+
+
+def test_run_stop_reads_the_escapes_a_shell_passes_through(fake_server):
+    server = fake_server({
+        ("GET", "/v1/models"): models({"id": "m"}),
+        ("POST", "/v1/chat/completions"): sse(delta("ok"), delta(finish="stop")),
+    })
+    result = localchat("run", "--endpoint", server.url, "m", "hi", "--stop", r"\n\n",
+                       "--stop", r"tab\there", "--stop", r"a\\n")
+    assert result.returncode == 0, result.stderr
+    assert server.requests[-1]["body"]["stop"] == ["\n\n", "tab\there", "a\\n"]
 
 
 def test_run_endpoint_faults_are_one_line_errors(fake_server):

@@ -154,6 +154,23 @@ def test_greedy_chat_streamed_and_not_equals_localchat_run(client, local_answer)
     assert streamed.prompt_tokens_details.cached_tokens == streamed.prompt_tokens - 1
 
 
+@pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
+def test_a_strong_penalty_changes_the_greedy_reply_through_the_api_and_run_alike(
+        client, local_answer, smollm2_path, tmp_path, penalty):
+    reply = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": PROMPT}], temperature=0,
+        max_tokens=40, **{penalty: 2.0})
+    text = reply.choices[0].message.content
+    assert text + "\n" != local_answer  # the reply repeats itself; the penalty breaks that
+    flag = "--" + penalty.replace("_", "-")
+    result = subprocess.run(
+        [sys.executable, "-m", "localchat", "run", str(smollm2_path), PROMPT, "--temperature",
+         "0", "--max-tokens", "40", flag, "2", *THREADS],
+        input="", capture_output=True, text=True, timeout=180, env=_environment(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == text + "\n"
+
+
 def test_run_with_endpoint_equals_localchat_run(server, local_answer, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "localchat", "run", "--endpoint", server.url, MODEL_ID, PROMPT,
@@ -187,8 +204,8 @@ def test_completions_streamed_and_not(client):
     ('{"messages": "hi"}', "messages", "non-empty list"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0].role", "robot"),
     ('{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n", "not supported"),
-    ('{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}',
-     "frequency_penalty", "repeat_penalty"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 3}',
+     "frequency_penalty", "frequency_penalty must be in [-2, 2] (got 3)"),
     ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None,
      "not valid JSON"),
 ])

@@ -6,12 +6,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from localchat import settings
 from localchat.errors import ContextOverflowError, UsageError
 
 # A callable that formats messages with the model's chat template and counts the tokens;
 # `LocalEngine.count_tokens` is one.
 TokenCounter = Callable[[list[dict[str, str]]], int]
-SettingValue = float | int | bool | str | None
+SettingValue = float | int | bool | str | tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -146,69 +147,26 @@ def _exchange_starts(messages: tuple[Message, ...]) -> list[int]:
     return starts
 
 
-# name -> (what the value must be, an example); the order is the order /help shows.
-SETTINGS: dict[str, tuple[str, str]] = {
-    "temperature": ("a number, 0 or more", "0.7"),
-    "top_p": ("a number above 0 and at most 1", "0.95"),
-    "top_k": ("a whole number, 0 (off) or more", "40"),
-    "min_p": ("a number from 0 to 1", "0.05"),
-    "repeat_penalty": ("a number above 0", "1.1"),
-    "seed": ("a whole number from 0 to 4294967294, or none for random", "42"),
-    "max_tokens": ("a whole number, 1 or more, or none for no limit", "512"),
-    "markdown": ("on or off", "off"),
-    "system": ("any text; empty removes the system prompt", "You are terse."),
-}
-_ALIASES = {"temp": "temperature", "repetition_penalty": "repeat_penalty"}
-_SWITCHES = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+def slash_settings() -> list[str]:
+    """What `/set` changes, in the settings table's order (which /help and Tab show)."""
+    return [setting.name for setting in settings.SETTINGS if setting.slash]
 
 
 def parse_setting(name: str, raw: str) -> tuple[str, SettingValue]:
     """Check a `/set NAME VALUE` pair: the canonical name and the typed value, or a UsageError."""
     key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in SETTINGS:
-        raise UsageError(f"unknown setting {name!r}", f"settings: {', '.join(SETTINGS)}")
-    if key == "system":
-        return key, raw.strip()
-    value = raw.strip()
-    parsed = _parse_value(key, value.lower())
-    if parsed is _INVALID:
-        expected, example = SETTINGS[key]
-        shown = repr(value[:40]) if value else "nothing"
-        raise UsageError(
-            f"bad value for {key}: {shown} (expected {expected})", f"e.g. /set {key} {example}"
-        )
-    return key, parsed
+    setting = settings.find(settings.SLASH_ALIASES.get(key, key))
+    if setting is None or not setting.slash:
+        raise UsageError(f"unknown setting {name!r}", f"settings: {', '.join(slash_settings())}")
+    try:
+        return setting.name, settings.parse(setting, raw)
+    except settings.Invalid as problem:
+        raise UsageError(f"/set {setting.name} {problem}",
+                         f"e.g. /set {setting.name} {_example(setting)}") from None
 
 
-_INVALID = object()
+_EXAMPLES = {"seed": "42", "max_tokens": "512", "stop": "\\n\\n", "system": "You are terse."}
 
 
-def _parse_value(key: str, value: str) -> object:
-    if key == "markdown":
-        return _SWITCHES.get(value, _INVALID)
-    if key in ("seed", "max_tokens") and value == "none":
-        return None
-    if key in ("top_k", "seed", "max_tokens"):
-        try:
-            number: float = int(value)
-        except ValueError:
-            return _INVALID
-    else:
-        try:
-            number = float(value)
-        except ValueError:
-            return _INVALID
-        if not math.isfinite(number):
-            return _INVALID
-    ok = {
-        "temperature": number >= 0,
-        "top_p": 0 < number <= 1,
-        "top_k": number >= 0,
-        "min_p": 0 <= number <= 1,
-        "repeat_penalty": number > 0,
-        # the engine's range: llama.cpp reserves 2**32 - 1 for "random"
-        "seed": 0 <= number < 2**32 - 1,
-        "max_tokens": number > 0,
-    }[key]
-    return number if ok else _INVALID
+def _example(setting: settings.Setting) -> str:
+    return _EXAMPLES.get(setting.name) or settings.format_value(setting, setting.default)

@@ -9,10 +9,11 @@ prints as one line before it reads the next.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from localchat.chat.conversation import SETTINGS, parse_setting
+from localchat import settings
+from localchat.chat.conversation import parse_setting, slash_settings
 from localchat.errors import LocalchatError, UsageError
 from localchat.render import format_rate, format_when, print_fields, print_note, print_table
 
@@ -56,17 +57,17 @@ def _help(chat: ChatSession, argument: str) -> bool:
 def _set(chat: ChatSession, argument: str) -> bool:
     name, _, raw = argument.partition(" ")
     if not name:
-        raise UsageError("usage: /set PARAM VALUE", f"settings: {', '.join(SETTINGS)}")
+        raise UsageError("usage: /set PARAM VALUE", f"settings: {', '.join(slash_settings())}")
     key, value = parse_setting(name, raw)
     if key == "system":
         _change_system(chat, str(value))
     elif key == "markdown":
         chat.markdown = bool(value)
         print_note(chat.env, f"markdown {'on' if value else 'off'}")
-    else:
+    else:  # a sampling setting
         chat.sampling = replace(chat.sampling, **{key: value})
         chat.with_history(lambda store, cid: store.update_settings(cid, {key: value}))
-        print_note(chat.env, f"{key} = {'none' if value is None else value}")
+        print_note(chat.env, f"{key} = {settings.format_value(settings.get(key), value)}")
     return True
 
 
@@ -92,10 +93,10 @@ def _show(chat: ChatSession, argument: str) -> bool:
     fields = [("model", chat.model), ("file", str(info.model_path)),
               ("context", f"{engine.n_ctx} tokens"), ("backend", info.backend),
               ("chat template", f"{info.chat_format} ({info.chat_format_source})")]
-    for key, value in asdict(chat.sampling).items():
-        if key in ("stop", "ignore_eos") and not value:
-            continue  # only shown when set: they are command-line flags, not /set settings
-        fields.append((key, "none" if value is None else str(value)))
+    for setting in settings.in_scope("sampling"):
+        value = getattr(chat.sampling, setting.name)
+        if setting.slash or value != setting.default:  # a flag-only one only when it is set
+            fields.append((setting.name, settings.format_value(setting, value)))
     fields += [("markdown", "on" if chat.markdown else "off"),
                ("system prompt", chat.conversation.system or "(none)"),
                ("conversation", _conversation_label(chat))]
@@ -227,7 +228,8 @@ def _bye(chat: ChatSession, argument: str) -> bool:
 
 COMMANDS: dict[str, Command] = {
     "/help": Command("/help", "this list", _help),
-    "/set": Command("/set PARAM VALUE", f"change a setting: {', '.join(SETTINGS)}", _set),
+    "/set": Command("/set PARAM VALUE", f"change a setting: {', '.join(slash_settings())}",
+                    _set),
     "/show": Command("/show", "the model and the current settings", _show),
     "/system": Command("/system TEXT", "set the system prompt (alone: show it)", _system),
     "/clear": Command("/clear", "start a new conversation, same model", _clear),
@@ -256,16 +258,21 @@ def completions(chat: ChatSession, text: str) -> list[str]:
     *before, word = rest.split(" ")
     if not before:
         choices = _first_arguments(chat, command)
-    elif command == "/set" and before == ["markdown"]:
+    elif command == "/set" and len(before) == 1 and _is_switch(before[0]):
         choices = ["on", "off"]
     else:
         choices = []
     return [choice for choice in choices if choice.startswith(word)]
 
 
+def _is_switch(name: str) -> bool:
+    setting = settings.find(name)
+    return setting is not None and setting.slash and setting.kind == "bool"
+
+
 def _first_arguments(chat: ChatSession, command: str) -> list[str]:
     if command == "/set":
-        return list(SETTINGS)
+        return slash_settings()
     if command == "/model":
         return _model_names()
     if command == "/load" and chat.store is not None:

@@ -13,11 +13,12 @@ import ctypes
 import functools
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localchat import settings
 from localchat.engine import templates
 from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.engine.runtime import (
@@ -33,9 +34,15 @@ DEFAULT_CONTEXT = 4096  # a sane cap: KV cache memory grows linearly with the wi
 PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
 
 
+# The "load" rows of the settings table and the EngineOptions fields that hold them.
+_FIELDS = {"ctx": "n_ctx", "threads": "threads", "gpu_layers": "gpu_layers", "cpu": "cpu_only",
+           "mmap": "use_mmap", "mlock": "use_mlock", "flash_attn": "flash_attn",
+           "chat_format": "chat_format"}
+
+
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to load a model; every field maps to a `localchat run` flag."""
+    """How to load a model; every field but the path, verbosity and batch is a settings row."""
 
     model_path: Path
     n_ctx: int | None = None  # None: the model's trained length, capped at DEFAULT_CONTEXT
@@ -49,14 +56,21 @@ class EngineOptions:
     batch_size: int = 512
     flash_attn: bool = True  # llama.cpp's default too: faster prefill and early decode on CPU
 
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], model_path: Path,
+                      verbose: bool = False) -> EngineOptions:
+        """The load rows of merged settings (`settings.merge`) for the model at `model_path`."""
+        return cls(model_path=model_path, verbose=verbose,
+                   **{_FIELDS[name]: value
+                      for name, value in settings.values_of("load", values).items()})
+
     def validate(self) -> None:
-        """Refuse values llama.cpp would misbehave on, with a usage error."""
-        if self.n_ctx is not None and self.n_ctx < 16:
-            raise UsageError(f"--ctx must be at least 16 (got {self.n_ctx})")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
-        if self.gpu_layers is not None and self.gpu_layers < 0:
-            raise UsageError(f"--gpu-layers must be 0 or more (got {self.gpu_layers})")
+        """The last check before llama.cpp: a value outside the settings table is a usage error
+        naming the setting (the front ends check first, naming their flag or key)."""
+        for setting in settings.in_scope("load"):
+            problem = settings.check(setting, getattr(self, _FIELDS[setting.name]))
+            if problem:
+                raise UsageError(f"{setting.name} {problem}")
 
 
 @dataclass(frozen=True)
@@ -271,10 +285,12 @@ class LocalEngine:
         if sampling.ignore_eos and self._end_of_generation_tokens:
             sampler.add_logit_bias(n_vocab, dict.fromkeys(self._end_of_generation_tokens,
                                                           float("-inf")))
-        if sampling.repeat_penalty != 1.0:
+        if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) \
+                != (1.0, 0.0, 0.0):
             sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
-                                  penalty_repeat=sampling.repeat_penalty, penalty_freq=0.0,
-                                  penalty_present=0.0)
+                                  penalty_repeat=sampling.repeat_penalty,
+                                  penalty_freq=sampling.frequency_penalty,
+                                  penalty_present=sampling.presence_penalty)
         if sampling.temperature == 0:
             sampler.add_greedy()
             return sampler

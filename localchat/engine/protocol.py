@@ -7,44 +7,42 @@ Two implementations: `local.LocalEngine` (llama.cpp in this process) and `remote
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from localchat import settings
 from localchat.errors import UsageError
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings; temperature 0 means greedy (deterministic)."""
+    """Sampling settings, the "sampling" rows of the settings table; temperature 0 is greedy."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = settings.get("temperature").default
+    top_p: float = settings.get("top_p").default
+    top_k: int = settings.get("top_k").default
+    min_p: float = settings.get("min_p").default
+    repeat_penalty: float = settings.get("repeat_penalty").default
+    presence_penalty: float = settings.get("presence_penalty").default
+    frequency_penalty: float = settings.get("frequency_penalty").default
     seed: int | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> Sampling:
+        """The sampling rows of merged settings (`settings.merge`): the fields are those rows."""
+        return cls(**settings.values_of("sampling", values))
+
     def validate(self) -> None:
-        """Check ranges; a bad value is a usage error naming the flag."""
-        checks = [
-            (self.temperature >= 0, f"--temperature must be 0 or more (got {self.temperature})"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
-            (self.top_k >= 0, f"--top-k must be 0 (off) or more (got {self.top_k})"),
-            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1] (got {self.min_p})"),
-            (self.repeat_penalty > 0,
-             f"--repeat-penalty must be above 0 (got {self.repeat_penalty})"),
-            (self.max_tokens is None or self.max_tokens > 0,
-             f"--max-tokens must be 1 or more (got {self.max_tokens})"),
-            (self.seed is None or 0 <= self.seed < 2**32 - 1,
-             f"--seed must be in [0, 4294967294] (got {self.seed})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        """The last check before llama.cpp: a value outside the settings table is a usage error
+        naming the setting (the front ends check first, naming their flag, key or field)."""
+        for setting in settings.in_scope("sampling"):
+            problem = settings.check(setting, getattr(self, setting.name))
+            if problem:
+                raise UsageError(f"{setting.name} {problem}")
 
 
 @dataclass(frozen=True)

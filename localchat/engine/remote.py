@@ -202,6 +202,9 @@ class RemoteEngine:
         if sampling.repeat_penalty != 1.0:
             # llama-server and Ollama read the first name, vLLM and SGLang the second.
             body["repeat_penalty"] = body["repetition_penalty"] = sampling.repeat_penalty
+        for penalty in ("presence_penalty", "frequency_penalty"):  # OpenAI's own fields
+            if getattr(sampling, penalty):
+                body[penalty] = getattr(sampling, penalty)
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         if sampling.max_tokens is not None:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from localchat import paths
+from localchat import paths, settings
 from localchat.errors import ConfigError, ModelFileError, UsageError
 
 # Names end up in cache paths and shell commands, so each part is an allow-list: no separators,
@@ -60,14 +60,13 @@ class ModelFile:
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """Per-model run defaults from the catalog; None keeps the built-in default."""
+    """Per-model run defaults from the catalog: the settings rows marked `catalog`, by name."""
 
-    ctx: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)  # checked; missing: built-in
+
+    def get(self, name: str) -> Any:
+        """The catalog's value for the setting `name`, or None."""
+        return self.settings.get(name)
 
 
 @dataclass(frozen=True)
@@ -287,21 +286,16 @@ def _catalog_ref(spec: ModelSpec, tag: str) -> ModelRef:
 
 # ---- reading models.toml -----------------------------------------------------------------------
 
-_NUMBER = (float, int)
+# An entry's own keys; its run defaults are the settings rows marked `catalog`.
 _MODEL_KEYS: dict[str, tuple[type, ...]] = {
     "description": (str,), "license": (str,), "default_tag": (str,), "tags": (dict,),
-    "ctx": (int,), "top_k": (int,), "temperature": _NUMBER, "top_p": _NUMBER, "min_p": _NUMBER,
-    "repeat_penalty": _NUMBER,
 }
-_DEFAULT_KEYS = ("ctx", "temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+_DEFAULT_KEYS = tuple(setting.name for setting in settings.SETTINGS if setting.catalog)
 _TAG_KEYS: dict[str, tuple[type, ...]] = {
     "parameters": (str,), "quant": (str,), "repo": (str,), "file": (str,), "sha256": (str,),
     "size": (int,), "mirrors": (list,),
 }
-_RANGES: dict[str, tuple[float, float]] = {
-    "ctx": (16, 1 << 24), "top_k": (0, 1 << 20), "temperature": (0, 100), "top_p": (0, 1),
-    "min_p": (0, 1), "repeat_penalty": (0, 100), "size": (1, 1 << 50),
-}
+_RANGES: dict[str, tuple[float, float]] = {"size": (1, 1 << 50)}
 
 
 class _Where:
@@ -347,7 +341,7 @@ def _parse(text: str, where: _Where) -> dict[str, dict[str, Any]]:
         if not isinstance(entry, dict) or not _NAME.fullmatch(name) or ".." in name:
             raise where.error((name,), f"'{name}' must be a table named in lower-case letters, "
                               "digits, '.', '-' and '_'", f"for example [{name.lower()}]")
-        _check_keys(entry, _MODEL_KEYS, (name,), where)
+        _check_keys(entry, _MODEL_KEYS, (name,), where, defaults=True)
         for tag, file in entry.get("tags", {}).items():
             keys = (name, "tags", tag)
             if not isinstance(file, dict) or not _NAME.fullmatch(tag) or ".." in tag:
@@ -358,11 +352,18 @@ def _parse(text: str, where: _Where) -> dict[str, dict[str, Any]]:
 
 
 def _check_keys(table: Mapping[str, Any], known: dict[str, tuple[type, ...]],
-                keys: tuple[str, ...], where: _Where) -> None:
+                keys: tuple[str, ...], where: _Where, defaults: bool = False) -> None:
     for key, value in table.items():
+        if defaults and key in _DEFAULT_KEYS:
+            try:
+                settings.checked(settings.get(key), value)
+            except settings.Invalid as problem:
+                raise where.error(keys + (key,), f"{key} {problem}") from None
+            continue
         if key not in known:
+            names = [*known, *_DEFAULT_KEYS] if defaults else list(known)
             raise where.error(keys + (key,), f"unknown key '{key}'",
-                              f"known keys: {', '.join(known)}")
+                              f"known keys: {', '.join(names)}")
         if isinstance(value, bool) or not isinstance(value, known[key]):
             raise where.error(keys + (key,), f"'{key}' must be a {known[key][0].__name__}")
         low, high = _RANGES.get(key, (None, None))
@@ -410,8 +411,8 @@ def _build(entries: dict[str, dict[str, Any]], user_where: dict[str, _Where]) ->
         if default_tag not in tags:
             raise where.error((name, "default_tag"), f"default_tag '{default_tag}' is not a tag "
                               f"of '{name}'", f"known tags: {', '.join(tags)}")
-        defaults = ModelDefaults(**{key: float(entry[key]) if _MODEL_KEYS[key] is _NUMBER
-                                    else entry[key] for key in _DEFAULT_KEYS if key in entry})
+        defaults = ModelDefaults({key: settings.checked(settings.get(key), entry[key])
+                                  for key in _DEFAULT_KEYS if key in entry})
         files = tuple((tag, _model_file(raw)) for tag, raw in tags.items())
         models.append(ModelSpec(name=name, description=entry.get("description", ""),
                                 license=entry.get("license"), default_tag=default_tag,

@@ -1,40 +1,39 @@
 """The OpenAI wire format for `localchat serve`: request checking and reply bodies, no I/O.
 
 Requests are checked strictly: an unknown field, a wrong type, or a feature we do not have
-(n > 1, tools, logprobs, OpenAI's additive penalties) is a 400 naming the field, never silently
-ignored. Sampling defaults are `localchat run`'s, so the same request gives the same text.
+(n > 1, tools, logprobs) is a 400 naming the field, never silently ignored. Sampling defaults
+are `localchat run`'s, so the same request gives the same text.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from localchat import settings
 from localchat.engine.protocol import GenerationStats, Sampling
-from localchat.errors import UsageError
 
-_COMMON_FIELDS = frozenset({
-    "model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p",
-    "repeat_penalty", "repetition_penalty", "seed", "max_tokens", "stop", "ignore_eos",
-    "n", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-})
+# The sampling fields: the settings table's OpenAI names, and other servers' names for them.
+SAMPLING_FIELDS: dict[str, settings.Setting] = {
+    name: setting for setting in settings.in_scope("sampling")
+    for name in (setting.openai, setting.openai_alias) if name}
+_COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "n", "user", "logit_bias",
+                            "logprobs", *SAMPLING_FIELDS})
 FIELDS = {
-    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs",
-                              "response_format", "tools", "tool_choice", "parallel_tool_calls"},
-    "text": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
+    "chat": _COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools",
+                              "tool_choice", "parallel_tool_calls"},
+    # max_completion_tokens is the chat API's newer name for max_tokens
+    "text": _COMMON_FIELDS - {"max_completion_tokens"} | {"prompt", "echo", "suffix", "best_of"},
 }
 # OpenAI fields for features we lack: accepted only at the value that means "off".
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
     "suffix": ("",), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "response_format": ({"type": "text"},),
 }
 _OFF_HINTS = {
-    "presence_penalty": "use repeat_penalty (llama.cpp's multiplicative penalty) instead",
-    "frequency_penalty": "use repeat_penalty (llama.cpp's multiplicative penalty) instead",
     "n": "send one request per reply",
 }
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -133,57 +132,34 @@ def _check_type(body: dict[str, Any], name: str, expected: type) -> Any:
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
 
 
-def _number(body: dict[str, Any], name: str, integer: bool = False) -> Any:
-    value = body.get(name)
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}",
-                       param=name)
-    return value
-
-
-def _one_of(body: dict[str, Any], names: tuple[str, str], integer: bool = False) -> Any:
-    """A value that goes by two names (OpenAI's and vLLM's); both given must agree."""
-    first, second = (_number(body, name, integer) for name in names)
-    if first is not None and second is not None and first != second:
-        raise ApiError(400, f"'{names[0]}' and '{names[1]}' disagree; send one", param=names[1])
-    return first if first is not None else second
-
-
 def _sampling(body: dict[str, Any], defaults: Sampling) -> Sampling:
-    top_k = _number(body, "top_k", integer=True)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    ignore_eos = _check_type(body, "ignore_eos", bool)
+    """Each sampling setting from its field, checked against the settings table; a field left
+    out keeps `defaults`. A bad value is a 400 naming the field as the client spelled it."""
+    values = {}
+    for setting in settings.in_scope("sampling"):
+        name, value = _field_of(body, setting)
+        if value is None:
+            values[setting.name] = getattr(defaults, setting.name)
+            continue
+        if setting.name == "top_k" and value == -1:
+            value = 0  # vLLM's "off"
+        if setting.kind == "list":
+            value = [value] if isinstance(value, str) else value
+            value = [item for item in value if item != ""] if isinstance(value, list) else value
+        try:
+            values[setting.name] = settings.checked(setting, value)
+        except settings.Invalid as problem:
+            raise ApiError(400, f"{name} {problem}", param=name) from None
+    return Sampling(**values)
 
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
 
-    sampling = Sampling(
-        temperature=float(pick(_number(body, "temperature"), defaults.temperature)),
-        top_p=float(pick(_number(body, "top_p"), defaults.top_p)),
-        top_k=0 if top_k == -1 else pick(top_k, defaults.top_k),  # -1 is vLLM's "off"
-        min_p=float(pick(_number(body, "min_p"), defaults.min_p)),
-        repeat_penalty=float(pick(_one_of(body, ("repeat_penalty", "repetition_penalty")),
-                                  defaults.repeat_penalty)),
-        seed=pick(_number(body, "seed", integer=True), defaults.seed),
-        max_tokens=pick(_one_of(body, ("max_tokens", "max_completion_tokens"), integer=True),
-                        defaults.max_tokens),
-        stop=tuple(s for s in stop if s) if stop is not None else defaults.stop,
-        ignore_eos=pick(ignore_eos, defaults.ignore_eos),
-    )
-    try:
-        sampling.validate()
-    except UsageError as exc:
-        # The engine names command-line flags; a client sent JSON fields.
-        match = re.search(r"--([a-z-]+)", exc.message)
-        field = match.group(1).replace("-", "_") if match else None
-        raise ApiError(400, re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"),
-                                   exc.message), param=field) from None
-    return sampling
+def _field_of(body: dict[str, Any], setting: settings.Setting) -> tuple[str | None, Any]:
+    """The field that carries `setting` and its value; with both names given, they must agree."""
+    names = [name for name in (setting.openai, setting.openai_alias)
+             if name and body.get(name) is not None]
+    if len(names) == 2 and body[names[0]] != body[names[1]]:
+        raise ApiError(400, f"'{names[0]}' and '{names[1]}' disagree; send one", param=names[1])
+    return (names[0], body[names[0]]) if names else (setting.openai, None)
 
 
 def _messages(raw: Any) -> list[dict[str, str]]:
