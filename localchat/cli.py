@@ -408,7 +408,7 @@ def show(
     if path is None:
         raise LocalchatError(f"{ref.name} is not on disk", f"localchat pull {ref.name}")
     info = read_model_file(path)
-    n_ctx = ctx or ref.defaults.ctx or min(info.context_length or 4096, 4096)
+    n_ctx = ctx or ref.defaults.get("ctx") or min(info.context_length or 4096, 4096)
     if n_ctx < 1:
         raise UsageError(f"--ctx must be at least 1 (got {n_ctx})")
     render.print_fields(env, render.model_fields(ref, info, estimate_memory(info, n_ctx),
