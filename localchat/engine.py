@@ -27,6 +27,7 @@ from localchat.backend import (
     route_llama_logs,
 )
 from localchat.errors import ContextOverflowError, EngineError, UsageError
+from localchat.prompt_tokens import PromptTokenizer
 
 DEFAULT_CONTEXT = 4096  # a sane cap: KV cache memory grows linearly with the window
 PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
@@ -192,6 +193,7 @@ class LocalEngine:
         load_s = time.perf_counter() - started
         self._llama_cpp = llama_cpp
         self._vocab = self._llama._model.vocab
+        self._tokenizer = PromptTokenizer(llama_cpp, self._vocab)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
         model = self._llama._model
@@ -214,11 +216,14 @@ class LocalEngine:
         return templates.render(self.template, messages, self._bos_text, self._eos_text)
 
     def tokenize_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Tokens of the formatted prompt, with special tokens parsed and one BOS at most."""
+        """Tokens of the formatted prompt, one BOS at most; control tokens come from the
+        template's own text only, never from a message's content (see prompt_tokens)."""
         self._check_open()
-        text = self.format_prompt(messages)
-        add_bos = not (self._bos_text and text.startswith(self._bos_text))
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        pieces = templates.render_pieces(self.template, messages, self._bos_text,
+                                         self._eos_text)
+        add_bos = not (self._bos_text and pieces and pieces[0][0].startswith(self._bos_text)
+                       and not pieces[0][1])
+        return self._tokenizer.tokenize_pieces(pieces, add_special=add_bos)
 
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         """How many tokens `messages` take in the context window."""
@@ -237,7 +242,8 @@ class LocalEngine:
         """Continue raw text with no chat template (`/v1/completions`, base models)."""
         # special=True: a raw prompt may spell out a template's tokens, as llama-server allows
         return self._stream(
-            lambda: self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True),
+            lambda: self._tokenizer.tokenize(prompt.encode("utf-8"), add_special=True,
+                                             parse_special=True),
             sampling, chat=False)
 
     def _stream(self, tokenize: Any, sampling: Sampling, chat: bool) -> Iterator[str]:
