@@ -317,7 +317,7 @@ class _Handler(BaseHTTPRequestHandler):
         stats = engine.last_stats
         if stats is None or stats.finish_reason == "interrupted":
             return 499
-        self._send_event(api.chunk(meta, finish_reason=stats.finish_reason))
+        self._send_event(api.chunk(meta, finish=stats.finish_reason))
         if request.include_usage:
             self._send_event(api.usage_chunk(meta, stats))
         self.wfile.write(b"data: [DONE]\n\n")
