@@ -260,6 +260,9 @@ def bench(
     flash_attn: FlashAttnOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     offline: OfflineOption = False,
+    drop_all_caches: Annotated[bool, typer.Option(
+        "--drop-all-caches", help="As root, empty the whole machine's page cache for the cold "
+        "load when the model file's own pages cannot be dropped.")] = False,
 ) -> None:
     """Measure prefill and decode speed, first-token latency, load time and memory."""
     from contextlib import nullcontext
@@ -270,7 +273,8 @@ def bench(
     from localchat.config import load_config
 
     env, config = Environment(), load_config()
-    settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions)
+    settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions,
+                                       drop_all_caches=drop_all_caches)
     settings.validate()  # before a download can start, like every flag
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
     options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), ctx=ctx,
