@@ -167,7 +167,8 @@ def run(
     if (session is not None or continue_last) and not interactive:
         raise UsageError("--session and --continue are for the interactive chat",
                          "leave out PROMPT and run at a terminal")
-    if not local and endpoint is None and config.remote_endpoint:
+    configured = not local and endpoint is None and bool(config.remote_endpoint)
+    if configured:
         endpoint, model = config.remote_endpoint, model or config.remote_model
     ref = None if endpoint else resolve_model(model or config.model or DEFAULT_MODEL)
     sampling = oneshot.sampling_from(config, ref.defaults if ref else ModelDefaults(),
@@ -184,11 +185,13 @@ def run(
     if ref is None:  # the server owns the model: no catalog, no download
         from localchat.remote import remote_options
 
+        _refuse_local_flags(load_flags, configured)
         request = oneshot.Request(model=model or "", engine=None,
                                   remote=remote_options(endpoint or "", model, api_key), **common)
     else:  # every flag is validated here, before a download can start
         options = oneshot.engine_options_from(config, ref.defaults, Path(ref.name), **load_flags)
         options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
+        _warn_beyond_training(env, options)
         request = oneshot.Request(model=ref.name, engine=options, **common)
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
@@ -207,6 +210,43 @@ def run(
     raise typer.Exit(repl.run_repl(request, env, repl.ReplOptions(
         markdown=not no_markdown and config.markdown is not False, session=session,
         resume_last=continue_last, load_model=load_model)))
+
+
+# Flags that only mean something to a model loaded here, as they are spelled when given.
+_LOCAL_ONLY_FLAGS = {"ctx": "--ctx", "chat_format": "--chat-format", "threads": "--threads",
+                     "gpu_layers": "--gpu-layers", "cpu": "--cpu", "mlock": "--mlock",
+                     "mmap": ("--no-mmap", "--mmap"),
+                     "flash_attn": ("--no-flash-attn", "--flash-attn")}
+
+
+def _refuse_local_flags(flags: dict[str, Any], configured: bool) -> None:
+    """A server runs its own model: a load flag with --endpoint is a mistake, not a no-op."""
+    given = []
+    for name, spelling in _LOCAL_ONLY_FLAGS.items():
+        value = flags.get(name)
+        if isinstance(spelling, tuple) and value is not None:  # --x/--no-x: both are given
+            given.append(spelling[bool(value)])
+        elif isinstance(spelling, str) and value not in (None, False):  # --cpu, not a default
+            given.append(spelling)
+    if given:
+        server = "the [remote] server of config.toml" if configured else "--endpoint"
+        verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise UsageError(
+            f"{', '.join(given)} {verb} only to a model run on this machine, not with {server}",
+            f"leave {them} out: the server has its own settings"
+            + ("; or add --local to run on this machine" if configured else ""))
+
+
+def _warn_beyond_training(env: Environment, options: Any) -> None:
+    """A note when the window is larger than the model was trained on (it works, but badly)."""
+    if options.n_ctx is None:
+        return
+    from localchat.engine import context_warning
+    from localchat.modelfile import read_model_file
+
+    warning = context_warning(options.n_ctx, read_model_file(options.model_path).context_length)
+    if warning:
+        render.print_note(env, warning)
 
 
 @app.command()
@@ -242,6 +282,7 @@ def serve(
                                           flash_attn=flash_attn, chat_format=chat_format,
                                           verbose=verbose)
     options = replace(options, model_path=ensure_local(ref, offline=offline, env=env))
+    _warn_beyond_training(env, options)
     raise typer.Exit(server.serve_model(options, settings,
                                         lambda line: render.print_note(env, line)))
 
@@ -353,6 +394,7 @@ def show(
     from localchat import store
     from localchat.backend import available_memory_bytes
     from localchat.catalog import resolve_model
+    from localchat.engine import context_warning
     from localchat.modelfile import estimate_memory, read_model_file
 
     env = Environment()
@@ -364,6 +406,9 @@ def show(
     n_ctx = ctx or ref.defaults.ctx or min(info.context_length or 4096, 4096)
     if n_ctx < 1:
         raise UsageError(f"--ctx must be at least 1 (got {n_ctx})")
+    warning = context_warning(n_ctx, info.context_length)
+    if warning:
+        render.print_note(env, warning)
     render.print_fields(env, render.model_fields(ref, info, estimate_memory(info, n_ctx),
                                                  n_ctx, available_memory_bytes()))
     if info.chat_template:
