@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import EngineOptions, LocalEngine, context_hint
 from localchat.engine.protocol import Sampling
 from localchat.errors import UsageError
 
@@ -34,6 +34,8 @@ FILLER = (
 )
 DECODE_PROMPT = "Write a long story about the sea."
 BANDWIDTH_ROUNDS = 5  # best of several passes: other processes share the memory bus
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")  # root only; empties the whole machine's cache
+STILL_CACHED = 0.05  # more of the file than this left in the page cache: the load is not cold
 WARMUP_TOKENS = 16  # enough to page in the weights and spin up llama.cpp's thread pool
 
 
@@ -45,6 +47,9 @@ class BenchSettings:
     gen_tokens: int = 128  # -n
     repetitions: int = 5
     cold_load: bool = True  # also time a load after dropping the model from the page cache
+    # When fadvise cannot evict the file, may root drop every clean page of the machine (every
+    # program's cached files) instead? Never unasked: it slows the whole machine for a while.
+    drop_all_caches: bool = False
     bandwidth: bool = True
 
     def validate(self) -> None:
@@ -81,6 +86,12 @@ class PageCacheDrop:
     resident_before: float | None  # fraction of the file in the page cache, None: unknown
     resident_after: float | None
     note: str
+
+    @property
+    def dropped(self) -> bool:
+        """True when the next load reads the disk (or nothing tells us otherwise)."""
+        return self.method != "none" and (self.resident_after is None
+                                          or self.resident_after <= STILL_CACHED)
 
 
 @dataclass(frozen=True)
@@ -173,10 +184,11 @@ def _measure(settings: BenchSettings, options: EngineOptions, partial: _Partial,
     done = 0
     if settings.cold_load:
         progress("cold load", done, steps)
-        partial.page_cache = drop_file_cache(options.model_path)
-        partial.load_engine(options, "cold")
-        partial.close()  # unmapped, so the next load finds the file cached but not mapped
-        check_fits(settings, partial.load)  # a bad size costs one load, not two
+        partial.page_cache = drop_file_cache(options.model_path, settings.drop_all_caches)
+        if partial.page_cache.dropped:  # a load from a warm cache is no cold figure
+            partial.load_engine(options, "cold")
+            partial.close()  # unmapped, so the next load finds the file cached but not mapped
+            check_fits(settings, partial.load)  # a bad size costs one load, not two
         done += 1
     progress("warm load", done, steps)
     engine = partial.load_engine(options, "warm")
@@ -210,8 +222,7 @@ def check_fits(settings: BenchSettings, load: Any, decode_prompt_tokens: int = 0
         return
     raise UsageError(
         f"{flag} {size} does not fit the context window of {load.n_ctx} tokens "
-        f"(the run needs {needed})",
-        f"lower {flag} or raise --ctx; this model was trained on {load.n_ctx_train}")
+        f"(the run needs {needed})", context_hint(load.n_ctx, load.n_ctx_train, f"lower {flag}"))
 
 
 def prompt_of_length(engine: LocalEngine, n_tokens: int) -> list[dict[str, str]]:
@@ -314,32 +325,46 @@ def resident_fraction(path: Path) -> float | None:
         libc.munmap(address, size)
 
 
-def drop_file_cache(path: Path) -> PageCacheDrop:
-    """Push a file out of the page cache so the next load reads the disk; say how it went."""
+def drop_file_cache(path: Path, drop_all: bool = False) -> PageCacheDrop:
+    """Push a file out of the page cache so the next load reads the disk; say how it went.
+
+    Only this file's pages are dropped (fadvise). `drop_all` (`--drop-all-caches`) lets root
+    fall back to dropping every clean cached page of the machine, when asked and only then.
+    """
     before = resident_fraction(path)
     if not hasattr(os, "posix_fadvise"):
-        return PageCacheDrop("none", before, before, "this OS cannot drop one file's cache")
+        return PageCacheDrop("none", before, before, "not measured: this OS cannot drop one "
+                                                     "file's cache")
     with open(path, "rb") as handle:
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     after, method = resident_fraction(path), "fadvise"
-    # Pages another process maps stay cached whatever we do; otherwise the filesystem ignored
-    # fadvise, and root may drop every clean cached page of the machine instead.
-    mapped = after is not None and after > 0.05 and mapped_by_others(path)
-    if after is not None and after > 0.05 and not mapped and os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as drop:
-                drop.write("1\n")
-            method, after = "drop_caches", resident_fraction(path)
-        except OSError:
-            pass
     if after is None:
-        note = "dropped (not verified: mincore unavailable)"
-    elif after <= 0.05:
-        note = "dropped"
+        return PageCacheDrop(method, before, after, "dropped (not verified: mincore unavailable)")
+    if after <= STILL_CACHED:
+        return PageCacheDrop(method, before, after, "dropped")
+    # Pages another process maps stay cached whatever we do; otherwise the filesystem ignored
+    # fadvise.
+    if mapped_by_others(path):
+        why = "another process maps the file"
+    elif not drop_all:
+        why = ("the filesystem ignores fadvise; --drop-all-caches lets root drop the whole "
+               "machine's page cache instead")
+    elif os.geteuid() != 0:
+        why = "the filesystem ignores fadvise, and --drop-all-caches needs root"
     else:
-        why = "another process maps the file" if mapped else "the filesystem ignores the request"
-        note = f"could not drop: {after:.0%} stayed cached ({why}), so the cold load is partly warm"
-    return PageCacheDrop(method, before, after, note)
+        try:
+            with open(DROP_CACHES, "w", encoding="ascii") as drop:
+                drop.write("1\n")
+        except OSError as exc:
+            why = f"the filesystem ignores fadvise, and {DROP_CACHES}: {exc.strerror or exc}"
+        else:
+            after = resident_fraction(path)
+            if after is None or after <= STILL_CACHED:
+                return PageCacheDrop("drop_caches", before, after, "dropped (the whole machine's "
+                                                                   "page cache, as asked)")
+            why = "the page cache kept it even after dropping the whole machine's"
+    return PageCacheDrop("none", before, after,
+                         f"not measured: {after:.0%} of the file stayed cached ({why})")
 
 
 def mapped_by_others(path: Path) -> bool:
@@ -478,6 +503,12 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
         return f"{found:,.{digits}f} {unit}" if found is not None else "-"
 
     page_cache = record["page_cache"]
+    if page_cache is None:
+        cold_note = "not measured"
+    elif record["load_cold_s"] is None:
+        cold_note = page_cache["note"]  # says why it was not measured
+    else:
+        cold_note = f"{page_cache['method']}: {page_cache['note']}"
     fraction = record["decode_fraction_of_ceiling"]
     reached = f"decode reaches {fraction:.0%} of it" if fraction is not None else ""
     if reached and (record["cpu_cache_mb"] or 0) >= record["weights_read_per_token_mb"]:
@@ -490,8 +521,7 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
          value("decode_tokens_per_s", "tok/s", 1), span("decode_tokens_per_s", "tok/s", 1)),
         ("time to first token", value("ttft_s", "s", 3), span("ttft_s", "s", 3)),
         ("load, warm page cache", value("load_s", "s", 3), span("load_s", "s", 3)),
-        ("load, cold page cache", value("load_cold_s", "s", 3),
-         f"{page_cache['method']}: {page_cache['note']}" if page_cache else "not measured"),
+        ("load, cold page cache", value("load_cold_s", "s", 3), cold_note),
         ("peak resident memory", value("peak_rss_mb", "MB", 0),
          f"model file {record['model_size_mb']:,.0f} MB + KV cache "
          f"{record['kv_cache_mb']:,.0f} MB"),

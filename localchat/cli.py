@@ -194,9 +194,12 @@ def run(
     if (session is not None or continue_last) and not interactive:
         raise UsageError("--session and --continue are for the interactive chat",
                          "leave out PROMPT and run at a terminal")
-    if not local and endpoint is None and config.remote_endpoint:
+    configured = not local and endpoint is None and bool(config.remote_endpoint)
+    if configured:
         endpoint, model = config.remote_endpoint, model or config.remote_model
     ref = None if endpoint else _resolve_run_model(model, prompt, config.model)
+    if ref is None:  # the server owns the model: no catalog, no download, no load settings
+        _refuse_local_flags(given, configured)
     values = settings.merge(given, config.settings, ref.defaults.settings if ref else {})
     request = oneshot.Request(
         model=ref.name if ref else model or "", prompt=prompt,
@@ -251,14 +254,51 @@ def _engine_options(values: dict[str, Any], ref: Any, offline: bool, env: Enviro
     """How to load the model `ref` with the merged settings; a missing model is pulled first."""
     from localchat.engine.local import EngineOptions
 
-    return EngineOptions.from_settings(values, ensure_local(ref, offline=offline, env=env),
-                                       verbose=verbose)
+    options = EngineOptions.from_settings(values, ensure_local(ref, offline=offline, env=env),
+                                          verbose=verbose)
+    _warn_beyond_training(env, options)
+    return options
 
 
 def _remote(endpoint: str | None, model: str | None, api_key: str | None) -> Any:
     from localchat.engine.remote import remote_options
 
     return remote_options(endpoint or "", model, api_key)
+
+
+@app.command(epilog=SOURCES)
+@takes_settings("serve")
+
+
+def _refuse_local_flags(flags: dict[str, Any], configured: bool) -> None:
+    """A server runs its own model: a load flag with --endpoint is a mistake, not a no-op."""
+    given = [_spelled(settings.get(name), value) for name, value in flags.items()
+             if settings.get(name).scope == "load"]
+    if given:
+        server = "the [remote] server of config.toml" if configured else "--endpoint"
+        verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise UsageError(
+            f"{', '.join(given)} {verb} only to a model run on this machine, not with {server}",
+            f"leave {them} out: the server has its own settings"
+            + ("; or add --local to run on this machine" if configured else ""))
+
+
+def _warn_beyond_training(env: Environment, options: Any) -> None:
+    """A note when the window is larger than the model was trained on (it works, but badly)."""
+    if options.n_ctx is None:
+        return
+    from localchat.engine.local import context_warning
+    from localchat.models.gguf_reader import read_model_file
+
+    warning = context_warning(options.n_ctx, read_model_file(options.model_path).context_length)
+    if warning:
+        render.print_note(env, warning)
+
+
+def _spelled(setting: Any, value: Any) -> str:
+    """A flag as the user typed it: `--no-mmap` for a pair given False."""
+    positive, _, negative = setting.flag.partition("/")
+    return negative if negative and value is False else positive
 
 
 @app.command(epilog=SOURCES)
@@ -307,6 +347,9 @@ def bench(
                                              help="Measured runs after a warm-up.")] = 5,
     json_output: JsonOption = False,
     offline: OfflineOption = False,
+    drop_all_caches: Annotated[bool, typer.Option(
+        "--drop-all-caches", help="As root, empty the whole machine's page cache for the cold "
+        "load when the model file's own pages cannot be dropped.")] = False,
     **flags: Any,
 ) -> None:
     """Measure prefill and decode speed, first-token latency, load time and memory."""
@@ -317,7 +360,8 @@ def bench(
     from localchat.models.catalog import resolve_model
 
     env, given, config = _env(context), given_settings(flags), load_config()
-    bench_settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions)
+    bench_settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions,
+                                             drop_all_caches=drop_all_caches)
     bench_settings.validate()  # before a download can start, like every flag
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
     values = settings.merge(given, config.settings, ref.defaults.settings)
@@ -397,6 +441,7 @@ def show(
     ] = None,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
+    from localchat.engine.local import context_warning
     from localchat.engine.runtime import available_memory_bytes
     from localchat.models import store
     from localchat.models.catalog import resolve_model
@@ -411,6 +456,9 @@ def show(
     n_ctx = ctx or ref.defaults.get("ctx") or min(info.context_length or 4096, 4096)
     if n_ctx < 1:
         raise UsageError(f"--ctx must be at least 1 (got {n_ctx})")
+    warning = context_warning(n_ctx, info.context_length)
+    if warning:
+        render.print_note(env, warning)
     render.print_fields(env, render.model_fields(ref, info, estimate_memory(info, n_ctx),
                                                  n_ctx, available_memory_bytes()))
     if info.chat_template:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from localchat.engine.loader import open_engine
-from localchat.engine.local import EngineOptions
+from localchat.engine.local import EngineOptions, context_hint
 from localchat.engine.protocol import Sampling
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import (
@@ -20,7 +20,7 @@ from localchat.render import (
 )
 
 if TYPE_CHECKING:
-    from localchat.engine.protocol import GenerationStats
+    from localchat.engine.protocol import Engine, GenerationStats
     from localchat.engine.remote import RemoteOptions
     from localchat.history.records import HistoryStore
 
@@ -59,7 +59,8 @@ def run_once(request: Request, env: Environment) -> int:
         info = engine.info
         flash = {True: " · flash attention", False: " · no flash attention"}.get(
             getattr(info, "flash_attn", None), "")
-        print_note(env, f"model {info.model_path} · ctx {info.n_ctx} · {info.threads} threads · "
+        threads = f" · {info.threads} threads" if info.threads is not None else ""
+        print_note(env, f"model {info.model_path} · ctx {info.n_ctx}{threads} · "
                         f"{info.backend}{flash} · chat template {info.chat_format} "
                         f"({info.chat_format_source})")
     messages = [{"role": "system", "content": request.system}] if request.system else []
@@ -67,6 +68,7 @@ def run_once(request: Request, env: Environment) -> int:
     recording = start_recording(request, env, text) if request.history else None
     sink = None if request.json_output else PlainStream(env.stdout)
     pieces: list[str] = []
+    failure: LocalchatError | None = None
     stream = engine.stream(messages, request.sampling)
     try:
         for piece in stream:
@@ -75,24 +77,34 @@ def run_once(request: Request, env: Environment) -> int:
                 sink.feed(piece)
     except KeyboardInterrupt:
         stream.close()
-    except LocalchatError:  # a remote stream that broke off: keep what arrived, then say why
-        if recording:
-            finish_recording(recording, env, "".join(pieces), engine.last_stats)
-        if sink:
-            sink.finish()
-        raise
+    except LocalchatError as exc:  # a remote stream that broke off: keep what arrived
+        failure = exc
     stats = engine.last_stats
     if recording:
         finish_recording(recording, env, "".join(pieces), stats)
     if sink:
         sink.finish()
-    if stats is None:  # interrupted before the prompt was even tokenized
-        return ExitStatus.INTERRUPTED
-    if request.json_output:
+    if stats is None or (failure is not None and not pieces):
+        if failure is not None:  # nothing arrived: the error alone says it
+            raise failure
+        return ExitStatus.INTERRUPTED  # interrupted before the prompt was even tokenized
+    if request.json_output:  # what arrived, marked interrupted, as with Ctrl-C
         print_json(env, stats_record("".join(pieces), engine.info, stats, request.model))
-    elif request.verbose or stats.finish_reason == "interrupted":
+    elif failure is None and (request.verbose or stats.finish_reason == "interrupted"):
         print_note(env, format_stats(engine.info, stats))
+    if failure is not None:
+        raise failure  # then the one-line error on stderr, exit 1
+    if stats.finish_reason == "context":
+        print_note(env, context_note(engine, stats))
     return ExitStatus.INTERRUPTED if stats.finish_reason == "interrupted" else ExitStatus.OK
+
+
+def context_note(engine: Engine, stats: GenerationStats) -> str:
+    """Why a reply stopped short without -n: the context window is full."""
+    info = engine.info
+    hint = context_hint(info.n_ctx, getattr(info, "n_ctx_train", None), "shorten the input")
+    return (f"note: the reply stopped at the end of the {info.n_ctx}-token context window "
+            f"(prompt {stats.prompt_tokens} + reply {stats.completion_tokens} tokens); {hint}")
 
 
 # Recording the exchange in the history: the user's message is committed before generation, the

@@ -122,6 +122,14 @@ def test_show_a_local_file(smollm2_path):
     assert "trained context  8,192" in shown.stdout and "fits" in shown.stdout
 
 
+def test_show_warns_about_a_ctx_past_the_trained_length(smollm2_path):
+    beyond = localchat("show", str(smollm2_path), "--ctx", "16384")
+    assert beyond.returncode == 0 and "at ctx 16,384" in beyond.stdout
+    assert beyond.stderr.startswith("warning: --ctx 16384 is beyond this model's trained length "
+                                    "(8192)")
+    assert localchat("show", str(smollm2_path), "--ctx", "8192").stderr == ""
+
+
 def test_list_with_nothing_on_disk():
     result = localchat("list")
     assert result.returncode == 0 and "no models on disk" in result.stderr

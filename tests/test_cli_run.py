@@ -197,6 +197,28 @@ def test_prompt_longer_than_the_context(smollm2_path):
     assert result.stdout == ""
 
 
+def test_a_reply_cut_by_the_full_window_says_context_not_length(smollm2_path):
+    result = localchat("run", str(smollm2_path), "Tell me a story.", "--ctx", "64",
+                       "--ignore-eos", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["finish_reason"] == "context"
+    assert record["prompt_tokens"] + record["completion_tokens"] == 64  # never above the window
+    note = result.stderr.strip()
+    assert note.startswith("note: the reply stopped at the end of the 64-token context window")
+    assert "raise --ctx" in note
+
+
+def test_ctx_past_the_trained_length_warns_and_the_hint_asks_for_no_more(smollm2_path):
+    result = localchat("run", str(smollm2_path), "--ctx", "8200", stdin="word " * 8300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.startswith("warning: --ctx 8200 is beyond this model's trained length (8192)")
+    assert error.startswith("error: the prompt is") and "context window is 8200" in error
+    assert "already past this model's trained length (8192)" in error
+    assert "raise --ctx" not in error
+
+
 @pytest.mark.parametrize("flag, value, needle", [
     ("--temperature", "-1", "--temperature"),
     ("--top-p", "2", "--top-p"),

@@ -260,7 +260,7 @@ def test_stream_closed_halfway_keeps_the_partial_reply(fake_server, chunked):
     engine = RemoteEngine(remote_options(server.url, None, None))
     pieces, error = collect(engine)
     assert pieces == ["The answer", " is"]
-    assert error is not None and "closed" in error.message and "after 2 pieces" in error.message
+    assert error is not None and "closed" in error.message and "after 2 tokens" in error.message
     assert engine.last_stats.finish_reason == "interrupted"
     assert engine.last_stats.completion_tokens == 2
 
@@ -369,6 +369,7 @@ def test_run_endpoint_prints_the_reply_and_json_counts(fake_server, isolated_hom
     assert record["text"] == "Hello there"
     assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3)
     assert record["finish_reason"] == "stop" and record["n_ctx"] == 2048
+    assert record["threads"] is None  # the server's business, not 0
     for result in (plain, as_json):
         assert "top-secret-value" not in result.stdout + result.stderr
     files = [path for path in isolated_home.rglob("*") if path.is_file()]
@@ -411,6 +412,44 @@ def test_run_endpoint_faults_are_one_line_errors(fake_server):
         store.close()
     assert [(m.role, m.content, m.interrupted) for m in messages] == [
         ("user", "hi", False), ("assistant", "Part", True)]  # kept, and marked
+
+
+def test_run_endpoint_json_keeps_a_reply_cut_halfway(fake_server):
+    server = fake_server({("GET", "/v1/models"): models({"id": "m"}),
+                          ("POST", "/v1/chat/completions"): sse(delta("Part"), delta(" two"),
+                                                                done=False)})
+    cut = localchat("run", "--endpoint", server.url, "m", "hi", "--json")
+    assert cut.returncode == 1
+    record = json.loads(cut.stdout)  # what arrived, as Ctrl-C gives it
+    assert (record["text"], record["finish_reason"]) == ("Part two", "interrupted")
+    assert record["completion_tokens"] == 2
+    assert cut.stderr.count("\n") == 1 and "Traceback" not in cut.stderr
+    assert "closed the stream halfway (after 2 tokens)" in cut.stderr
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--ctx", "8192"], "--ctx applies"),
+    (["--threads", "4", "--chat-format", "chatml"], "--chat-format, --threads apply"),
+    (["--gpu-layers", "10", "--cpu", "--mlock"], "--gpu-layers, --cpu, --mlock apply"),
+    (["--no-mmap", "--no-flash-attn"], "--no-mmap, --no-flash-attn apply"),
+])
+def test_local_only_flags_with_an_endpoint_are_usage_errors(flags, named):
+    # Refused before any connection: nothing listens on port 9.
+    result = localchat("run", "--endpoint", "http://127.0.0.1:9/v1", "m", "hi", *flags)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]
+    assert named in lines[0] and "only to a model run on this machine" in lines[0]
+
+
+def test_local_only_flags_with_a_configured_server_point_at_local(isolated_home):
+    config = isolated_home / "config" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text('ctx = 2048\n[remote]\nendpoint = "http://127.0.0.1:9/v1"\nmodel = "m"\n')
+    result = localchat("run", "hi", "--threads", "2")  # config.toml's ctx is no flag: fine
+    assert result.returncode == 2, result.stderr
+    assert "--threads applies only" in result.stderr and "config.toml" in result.stderr
+    assert "--local" in result.stderr
 
 
 def test_config_remote_section_is_the_default_and_local_overrides_it(fake_server, isolated_home,

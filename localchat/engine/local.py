@@ -20,6 +20,7 @@ from typing import Any
 
 from localchat import settings
 from localchat.engine import templates
+from localchat.engine.prompt_tokens import PromptTokenizer
 from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.engine.runtime import (
     compiled_backend,
@@ -80,7 +81,7 @@ class LoadInfo:
     model_path: Path
     load_s: float
     n_ctx: int
-    n_ctx_train: int
+    n_ctx_train: int | None  # None: the file does not say how long the model was trained on
     threads: int
     gpu_layers: int
     backend: str
@@ -114,8 +115,8 @@ class LocalEngine:
         llama_cpp = import_llama_cpp()
         route_llama_logs(llama_cpp, options.verbose)
         self.options = options
-        n_ctx_train = model_info.context_length or DEFAULT_CONTEXT
-        n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CONTEXT)
+        n_ctx_train = model_info.context_length  # None: the file does not say
+        n_ctx = options.n_ctx or min(n_ctx_train or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
         threads = options.threads or physical_core_count()
         gpu = llama_cpp.llama_supports_gpu_offload() and not options.cpu_only
         gpu_layers = 0 if not gpu else (-1 if options.gpu_layers is None else options.gpu_layers)
@@ -142,6 +143,7 @@ class LocalEngine:
         load_s = time.perf_counter() - started
         self._llama_cpp = llama_cpp
         self._vocab = self._llama._model.vocab
+        self._tokenizer = PromptTokenizer(llama_cpp, self._vocab)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
         model = self._llama._model
@@ -164,11 +166,14 @@ class LocalEngine:
         return templates.render(self.template, messages, self._bos_text, self._eos_text)
 
     def tokenize_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Tokens of the formatted prompt, with special tokens parsed and one BOS at most."""
+        """Tokens of the formatted prompt, one BOS at most; control tokens come from the
+        template's own text only, never from a message's content (see prompt_tokens)."""
         self._check_open()
-        text = self.format_prompt(messages)
-        add_bos = not (self._bos_text and text.startswith(self._bos_text))
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        pieces = templates.render_pieces(self.template, messages, self._bos_text,
+                                         self._eos_text)
+        add_bos = not (self._bos_text and pieces and pieces[0][0].startswith(self._bos_text)
+                       and not pieces[0][1])
+        return self._tokenizer.tokenize_pieces(pieces, add_special=add_bos)
 
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         """How many tokens `messages` take in the context window."""
@@ -187,7 +192,8 @@ class LocalEngine:
         """Continue raw text with no chat template (`/v1/completions`, base models)."""
         # special=True: a raw prompt may spell out a template's tokens, as llama-server allows
         return self._stream(
-            lambda: self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True),
+            lambda: self._tokenizer.tokenize(prompt.encode("utf-8"), add_special=True,
+                                             parse_special=True),
             sampling, chat=False)
 
     def _stream(self, tokenize: Any, sampling: Sampling, chat: bool) -> Iterator[str]:
@@ -199,8 +205,7 @@ class LocalEngine:
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context window is {self.n_ctx}",
-                f"shorten the input or raise --ctx (this model was trained on "
-                f"{self.info.n_ctx_train})",
+                context_hint(self.n_ctx, self.info.n_ctx_train, "shorten the input"),
             )
         return self._generate(tokens, sampling, cursor, chat)
 
@@ -217,13 +222,14 @@ class LocalEngine:
         cursor.cached_tokens = self._reuse_prefix(tokens)
         sampler = self._sampler(sampling)
         stops = tuple(sampling.stop) + (self.template.stops if chat else ())
+        # A character split across tokens waits for its last byte; one cut off by the end of
+        # the reply is dropped, never shown as U+FFFD (invalid bytes mid-reply still are).
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         held = ""  # text that might be the start of a stop string
         leading = chat  # a chat reply starts at its first visible character
         prefill_started = time.perf_counter()
         llama.eval(tokens[cursor.cached_tokens:])
         cursor.prefill_s = time.perf_counter() - prefill_started
-        limit = sampling.max_tokens or self.n_ctx
         while True:
             token = sampler.sample(llama._ctx, -1)
             now = time.perf_counter()
@@ -247,13 +253,15 @@ class LocalEngine:
             held = text[len(text) - keep:] if keep else ""
             if text[: len(text) - keep]:
                 yield text[: len(text) - keep]
-            if cursor.completion_tokens >= limit or llama.n_tokens + 1 >= self.n_ctx:
+            if sampling.max_tokens and cursor.completion_tokens >= sampling.max_tokens:
                 cursor.finish_reason = "length"
                 break
+            if llama.n_tokens + 1 >= self.n_ctx:  # prompt + reply fill the window, no more
+                cursor.finish_reason = "context"
+                break
             llama.eval([token])
-        tail = held + decoder.decode(b"", final=True)
-        if tail and cursor.finish_reason != "stop":
-            yield tail
+        if held and cursor.finish_reason != "stop":
+            yield held
 
     def _reuse_prefix(self, tokens: list[int]) -> int:
         """Keep the KV cache of the longest shared prefix; return how many tokens it covers."""
@@ -377,6 +385,24 @@ class LocalEngine:
         # llama.cpp dereferences freed memory (a segfault) when a closed model is used
         if getattr(self, "_closed", False):
             raise EngineError("the model was already unloaded", "load it again")
+
+
+def context_hint(n_ctx: int, n_ctx_train: int | None, first: str) -> str:
+    """What to do when the window is too small: raise --ctx only while the model allows it."""
+    if n_ctx_train and n_ctx >= n_ctx_train:
+        where = "at" if n_ctx == n_ctx_train else "past"
+        return f"{first}: --ctx {n_ctx} is already {where} this model's trained length " \
+               f"({n_ctx_train})"
+    limit = f" (this model was trained on {n_ctx_train})" if n_ctx_train else ""
+    return f"{first} or raise --ctx{limit}"
+
+
+def context_warning(n_ctx: int | None, n_ctx_train: int | None) -> str | None:
+    """The note for a window larger than the model was trained on, or None."""
+    if not n_ctx or not n_ctx_train or n_ctx <= n_ctx_train:
+        return None
+    return (f"warning: --ctx {n_ctx} is beyond this model's trained length ({n_ctx_train}); "
+            "llama.cpp runs it, but replies usually get worse past that length")
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -55,7 +55,8 @@ class GenerationStats:
     ttft_s: float  # from the call to the first generated token
     prefill_s: float  # evaluating the new prompt tokens
     decode_s: float  # from the first generated token to the last
-    finish_reason: str  # stop | length | interrupted
+    # stop | length (max_tokens) | context (the window is full) | interrupted
+    finish_reason: str
 
     @property
     def prefill_tokens(self) -> int:
@@ -87,7 +88,7 @@ class EngineInfo(Protocol):
     @property
     def n_ctx(self) -> int: ...
     @property
-    def threads(self) -> int: ...
+    def threads(self) -> int | None: ...
     @property
     def backend(self) -> str: ...
     @property

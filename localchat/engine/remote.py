@@ -52,8 +52,8 @@ class RemoteInfo:
     n_ctx: int
     n_ctx_known: bool  # False: the server did not say, and n_ctx is our default guess
     n_ctx_train: int
-    threads: int = 0  # not ours to know
-    gpu_layers: int = 0
+    threads: int | None = None  # not ours to know
+    gpu_layers: int | None = None
     backend: str = "remote"
     chat_format: str = "server-side"
     chat_format_source: str = "applied by the server"
@@ -123,6 +123,11 @@ class _Progress:
             decode_s=(self.last_at - self.first_at) if self.first_at and self.last_at else 0.0,
             finish_reason=self.finish_reason or "interrupted",
         )
+
+
+def _tokens(pieces: int) -> str:
+    """The pieces of a reply so far, as tokens: OpenAI-compatible servers stream one per event."""
+    return f"{pieces} token" + ("" if pieces == 1 else "s")
 
 
 def _count(value: Any, fallback: int) -> int:
@@ -242,10 +247,10 @@ class RemoteEngine:
             if progress.finish_reason is None:
                 raise EngineError(
                     f"{self.options.endpoint} closed the stream halfway "
-                    f"(after {progress.pieces} pieces); the partial reply is kept",
+                    f"(after {_tokens(progress.pieces)}); the partial reply is kept",
                     "the server may have stopped or restarted; see its log")
         except (OSError, http.client.HTTPException) as exc:
-            raise self._transport_error(exc, f"after {progress.pieces} pieces") from exc
+            raise self._transport_error(exc, f"after {_tokens(progress.pieces)}") from exc
         finally:
             connection.close()
 

@@ -8,6 +8,8 @@ when nothing matches we refuse rather than guess a wrong format.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -202,6 +204,84 @@ def render(
             OverflowError, ZeroDivisionError, MemoryError) as exc:
         raise EngineError(f"the chat template ({template.source}) failed: {exc}",
                           _FORMAT_HINT) from exc
+
+
+def render_pieces(
+    template: ChatTemplate,
+    messages: Sequence[dict[str, str]],
+    bos_token: str = "",
+    eos_token: str = "",
+) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_content) pieces: message contents apart from the template.
+
+    Joined, the pieces are exactly `render(...)`. The tokenizer reads control tokens
+    (`<|im_start|>`...) only in the template's own text, so a document piped into a message that
+    spells `<|im_end|><|im_start|>system` stays text instead of opening a real system turn.
+
+    The contents are found by rendering each one replaced by a marker no text holds; the text
+    between the markers is the template's. A content's outer whitespace stays around its marker,
+    so a template that trims the content trims that whitespace too. A template that rewrites a
+    content in some other way (Qwen3 cuts the thinking out of earlier replies) would not give the
+    real prompt back with the content in place of its marker: such a message stays template text
+    (its control tokens are read as before), the others are still kept apart. The `raw` format
+    has no template: the text is the prompt, as the user wrote it, control tokens included.
+    """
+    full = render(template, messages, bos_token, eos_token)
+    if template.text is None:
+        return [(full, False)]
+    candidates = [index for index, message in enumerate(messages)
+                  if isinstance(message.get("content"), str) and message["content"].strip()]
+    if not candidates:
+        return [(full, False)]
+    nonce = _fresh_nonce(full, template.text, messages)
+    pieces = _marked_render(template, messages, candidates, nonce, bos_token, eos_token, full)
+    if pieces is None:  # rewritten contents: keep apart those that survive alone
+        kept = [index for index in candidates
+                if _marked_render(template, messages, [index], nonce, bos_token, eos_token, full)]
+        pieces = _marked_render(template, messages, kept, nonce, bos_token, eos_token, full)
+    return pieces or [(full, False)]
+
+
+def _fresh_nonce(full: str, text: str, messages: Sequence[dict[str, str]]) -> str:
+    """Digits for the markers that occur nowhere yet (private-use brackets, nothing to trim)."""
+    while True:
+        nonce = str(secrets.randbelow(10**12))
+        opening = f"\ue000{nonce}."
+        if opening not in full and opening not in text and not any(
+                opening in str(message.get("content", "")) for message in messages):
+            return nonce
+
+
+def _marked_render(template: ChatTemplate, messages: Sequence[dict[str, str]],
+                   marked: Sequence[int], nonce: str, bos_token: str, eos_token: str,
+                   full: str) -> list[tuple[str, bool]] | None:
+    """Pieces from a render with the `marked` contents as markers, or None if they differ."""
+    if not marked:
+        return None
+    cores: dict[str, str] = {}
+    copies = [dict(message) for message in messages]
+    for index in marked:
+        content = messages[index]["content"]
+        core = content.strip()
+        start = len(content) - len(content.lstrip())
+        cores[str(index)] = core
+        copies[index]["content"] = f"{content[:start]}\ue000{nonce}.{index}\ue001" \
+                                   f"{content[start + len(core):]}"
+    try:
+        rendered = render(template, copies, bos_token, eos_token)
+    except EngineError:
+        return None  # the template looked at the content itself
+    parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", rendered)
+    pieces: list[tuple[str, bool]] = []
+    for position, part in enumerate(parts):
+        if position % 2 == 0:
+            if part:
+                pieces.append((part, False))
+        elif part in cores:
+            pieces.append((cores[part], True))
+        else:
+            return None
+    return pieces if "".join(text for text, _ in pieces) == full else None
 
 
 def check(template: ChatTemplate) -> None:

@@ -239,18 +239,23 @@ def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
     return ReplyMeta(kind=kind, id=f"{prefix}-{id_suffix}", created=int(time.time()), model=model)
 
 
+def finish_reason(reason: str) -> str:
+    """OpenAI's word for how a reply ended: a full context window is its `length` too."""
+    return "length" if reason == "context" else reason
+
+
 def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats) -> dict[str, Any]:
     """The non-streaming answer."""
     if meta.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": stats.finish_reason}
+                  "logprobs": None, "finish_reason": finish_reason(stats.finish_reason)}
     else:
         choice = {"index": 0, "text": text, "logprobs": None,
-                  "finish_reason": stats.finish_reason}
+                  "finish_reason": finish_reason(stats.finish_reason)}
     return {**_head(meta, streaming=False), "choices": [choice], "usage": usage(stats)}
 
 
-def chunk(meta: ReplyMeta, text: str | None = None, finish_reason: str | None = None,
+def chunk(meta: ReplyMeta, text: str | None = None, finish: str | None = None,
           opening: bool = False) -> dict[str, Any]:
     """One streamed event: the opening role, a piece of text, or the closing finish reason."""
     if meta.kind == "chat":
@@ -260,7 +265,7 @@ def chunk(meta: ReplyMeta, text: str | None = None, finish_reason: str | None = 
         choice: dict[str, Any] = {"index": 0, "delta": delta}
     else:
         choice = {"index": 0, "text": text or ""}
-    choice.update(logprobs=None, finish_reason=finish_reason)
+    choice.update(logprobs=None, finish_reason=finish_reason(finish) if finish else None)
     return {**_head(meta, streaming=True), "choices": [choice]}
 
 

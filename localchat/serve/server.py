@@ -89,10 +89,10 @@ def serve_model(options: EngineOptions, settings: ServeSettings,
             f"(context {server.engine.n_ctx} tokens{key_note}); Ctrl-C stops")
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how a server is meant to stop
+        return ExitStatus.INTERRUPTED  # Ctrl-C is how a server stops: 130, as for every command
     finally:
         server.stop()
-    return ExitStatus.OK
+    return ExitStatus.OK  # not reached: serve_forever ends only by an exception
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -273,6 +273,10 @@ class _Handler(BaseHTTPRequestHandler):
                 engine.count_tokens(request.messages)  # renders the template: bad roles fail here
                 return engine.stream(request.messages, request.sampling)
             return engine.stream_text(request.prompt or "", request.sampling)
+        except ContextOverflowError as exc:  # OpenAI's code for it, which clients look for
+            raise api.ApiError(400, exc.message, code="context_length_exceeded",
+                               param="messages" if request.messages is not None else "prompt"
+                               ) from None
         except LocalchatError as exc:
             raise api.ApiError(400, exc.message, code="invalid_prompt") from None
 
@@ -318,7 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
         stats = engine.last_stats
         if stats is None or stats.finish_reason == "interrupted":
             return 499
-        self._send_event(api.chunk(meta, finish_reason=stats.finish_reason))
+        self._send_event(api.chunk(meta, finish=stats.finish_reason))
         if request.include_usage:
             self._send_event(api.usage_chunk(meta, stats))
         self.wfile.write(b"data: [DONE]\n\n")

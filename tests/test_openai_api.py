@@ -1,0 +1,21 @@
+"""The OpenAI wire format's reply bodies, without a server or a model."""
+
+from __future__ import annotations
+
+from localchat.engine.protocol import GenerationStats
+from localchat.serve import openai_api as api
+
+
+def stats(finish_reason: str) -> GenerationStats:
+    return GenerationStats(prompt_tokens=60, cached_tokens=0, completion_tokens=4, ttft_s=0.1,
+                           prefill_s=0.1, decode_s=0.1, finish_reason=finish_reason)
+
+
+def test_a_full_context_window_is_openais_length():
+    for kind in ("chat", "text"):
+        meta = api.new_meta(kind, "abc", "m")
+        assert api.whole_reply(meta, "hi", stats("context"))["choices"][0]["finish_reason"] == \
+            "length"
+        assert api.chunk(meta, finish="context")["choices"][0]["finish_reason"] == "length"
+        assert api.chunk(meta, finish="stop")["choices"][0]["finish_reason"] == "stop"
+        assert api.chunk(meta, text="a")["choices"][0]["finish_reason"] is None
