@@ -266,10 +266,6 @@ def _remote(endpoint: str | None, model: str | None, api_key: str | None) -> Any
     return remote_options(endpoint or "", model, api_key)
 
 
-@app.command(epilog=SOURCES)
-@takes_settings("serve")
-
-
 def _refuse_local_flags(flags: dict[str, Any], configured: bool) -> None:
     """A server runs its own model: a load flag with --endpoint is a mistake, not a no-op."""
     given = [_spelled(settings.get(name), value) for name, value in flags.items()
@@ -290,7 +286,11 @@ def _warn_beyond_training(env: Environment, options: Any) -> None:
     from localchat.engine.local import context_warning
     from localchat.models.gguf_reader import read_model_file
 
-    warning = context_warning(options.n_ctx, read_model_file(options.model_path).context_length)
+    try:
+        trained = read_model_file(options.model_path).context_length
+    except LocalchatError:
+        return  # the loader reports a bad file, with the whole story
+    warning = context_warning(options.n_ctx, trained)
     if warning:
         render.print_note(env, warning)
 

@@ -429,7 +429,7 @@ def test_run_endpoint_json_keeps_a_reply_cut_halfway(fake_server):
 
 @pytest.mark.parametrize("flags, named", [
     (["--ctx", "8192"], "--ctx applies"),
-    (["--threads", "4", "--chat-format", "chatml"], "--chat-format, --threads apply"),
+    (["--threads", "4", "--chat-format", "chatml"], "--threads, --chat-format apply"),
     (["--gpu-layers", "10", "--cpu", "--mlock"], "--gpu-layers, --cpu, --mlock apply"),
     (["--no-mmap", "--no-flash-attn"], "--no-mmap, --no-flash-attn apply"),
 ])
