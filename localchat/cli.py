@@ -73,6 +73,9 @@ def ensure_local(ref: Any, *, offline: bool = False, env: Environment | None = N
     """The one way a resolved model becomes a file on disk: pull it when missing.
 
     A person at a terminal is asked before a download starts; scripts just get the download.
+    Offline (`--offline` or HF_HUB_OFFLINE) there is nothing to ask: a missing model is an error.
+    Every way this fails is a LocalchatError (Ctrl-C at the question is a KeyboardInterrupt), so
+    the chat's /model can keep its current model.
     """
     if ref.kind == "path":
         return ref.path
@@ -82,10 +85,15 @@ def ensure_local(ref: Any, *, offline: bool = False, env: Environment | None = N
     path = store.find_local_model(ref)
     if path is not None:
         return path
-    if not offline and env.stdin_isatty and render.stderr_is_terminal(env) \
-            and not typer.confirm(f"{ref.name} is not on disk. Download it now?", default=True,
-                                  err=True):
-        raise typer.Exit(ExitStatus.ERROR)
+    if not store.offline_mode(offline) and env.stdin_isatty and render.stderr_is_terminal(env):
+        try:
+            wanted = typer.confirm(f"{ref.name} is not on disk. Download it now?", default=True,
+                                   err=True)
+        except typer.Abort:  # Ctrl-C or Ctrl-D at the question
+            raise KeyboardInterrupt from None
+        if not wanted:
+            raise LocalchatError(f"{ref.name} is not on disk and was not downloaded",
+                                 f"`localchat pull {ref.name}` fetches it")
     return _pull(ref, offline, env)
 
 
@@ -99,6 +107,8 @@ def resolve_model_path(name: str, offline: bool = False) -> Path:
 def _pull(ref: Any, offline: bool, env: Environment) -> Path:
     from localchat import store
 
+    if store.offline_mode(offline):  # no progress bar for a download that cannot start
+        return store.pull_model(ref, offline=True)
     with render.download_progress(env, ref.name) as (progress, status):
         return store.pull_model(ref, progress=progress, status=status, offline=offline)
 

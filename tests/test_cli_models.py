@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pexpect
 import pytest
 from hub_server import HubServer
 
@@ -126,3 +127,28 @@ def test_list_with_nothing_on_disk():
     result = localchat("list")
     assert result.returncode == 0 and "no models on disk" in result.stderr
     assert json.loads(localchat("list", "--json").stdout) == {"models": []}
+
+
+
+def at_a_terminal(*args: str, **env: str) -> tuple[int | None, str]:
+    """`localchat ARGS` in a pseudo-terminal (plain, no colour); its status and output.
+
+    A question (`Download it now?`) counts as the end: a person would have to answer it.
+    """
+    child = pexpect.spawn(sys.executable, ["-m", "localchat", *args],
+                          env={**os.environ, "TERM": "xterm", "NO_COLOR": "1", **env},
+                          dimensions=(24, 100), encoding="utf-8", timeout=60)
+    asked = child.expect([r"Download it now\?", pexpect.EOF]) == 0
+    output = child.before + ("Download it now?" if asked else "")
+    child.close(force=True)
+    return (None if asked else child.exitstatus), output
+
+
+def test_hf_hub_offline_at_a_terminal_asks_nothing_and_draws_no_bar():
+    """HF_HUB_OFFLINE=1 counts like --offline: a one-line error, not a question and a 0/? bar."""
+    expected = ["error: smollm2:q4_1 is not on disk, and offline mode is on (go online and "
+                "`localchat pull smollm2:q4_1`, or unset HF_HUB_OFFLINE)"]
+    for command in (["run", "smollm2", "hi"], ["pull", "smollm2"]):
+        status, output = at_a_terminal(*command, HF_HUB_OFFLINE="1")
+        assert status == 1, output
+        assert [line for line in output.splitlines() if line.strip()] == expected, output

@@ -29,12 +29,14 @@ AFTER_A_REPLY = r"\d+ / 1024 tokens · [\d.,]+ tok/s"  # the toolbar, once a rep
 class Terminal:
     """`localchat run MODEL ARGS` in a pty, with everything it printed kept in `screen`."""
 
-    def __init__(self, model, *args: str) -> None:
+    def __init__(self, model, *args: str, env: dict[str, str] | None = None,
+                 columns: int = 100) -> None:
         self.screen = io.StringIO()
+        self.columns = columns
         self.child = pexpect.spawn(
             sys.executable, ["-m", "localchat", "run", str(model), *args],
-            env={**os.environ, "TERM": "xterm"}, dimensions=(24, 100), encoding="utf-8",
-            timeout=90,
+            env={**os.environ, "TERM": "xterm", **(env or {})}, dimensions=(24, columns),
+            encoding="utf-8", timeout=90,
         )
         self.child.logfile_read = self.screen
 
@@ -138,3 +140,30 @@ def test_piped_stdin_is_a_one_shot_prompt_not_a_chat(smollm2_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert ">>>" not in result.stdout and "Ctrl-D" not in result.stderr
+
+
+def test_model_for_a_missing_file_offline_or_declined_keeps_the_chat(smollm2_path):
+    """HF_HUB_OFFLINE counts like --offline: no question; declining the download is one line."""
+    offline = Terminal(smollm2_path, *CHAT, env={"HF_HUB_OFFLINE": "1"})
+    offline.wait(">>>")
+    offline.type("/model smollm2\r")
+    said = offline.wait(r"Download it now\?|still using[^\n]*")
+    assert said.startswith("still using"), "asked to download while offline"
+    assert "offline mode is on" in offline.screen.getvalue()
+    offline.wait(">>>")
+    offline.type("/context\r")
+    offline.wait(r"\d+ / 1024 tokens used")
+    assert offline.leave("/bye\r") == 0
+
+    online = Terminal(smollm2_path, *CHAT, env={"HF_HUB_OFFLINE": ""})
+    online.wait(">>>")
+    online.type("/model smollm2\r")
+    online.wait(re.escape("Download it now? [Y/n]"))
+    online.type("n\r")
+    online.wait(r"smollm2:q4_1 is not on disk and was not downloaded \(still using")
+    online.wait(">>>")
+    online.type("/show\r")
+    online.wait(re.escape(str(smollm2_path)))
+    assert online.leave("/bye\r") == 0
+    for terminal in (offline, online):
+        assert "Traceback" not in terminal.screen.getvalue()
