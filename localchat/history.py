@@ -22,6 +22,10 @@ PREVIEW_CHARS = 80
 # ASCII only and a leading letter or digit: a name is safe in a file name and on any terminal.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+class ConversationNotFound(LocalchatError):
+    """A conversation that is not, or no longer, in the history (another localchat deleted it)."""
+
+
 @dataclass(frozen=True)
 class ConversationRecord:
     """A stored conversation's header."""
@@ -294,7 +298,7 @@ class HistoryStore:
     def _require(self, name_or_id: str | int) -> ConversationRecord:
         found = self.find_conversation(name_or_id)
         if found is None:
-            raise LocalchatError(
+            raise ConversationNotFound(
                 f"no conversation {name_or_id!r} in the history",
                 hint="list them with `localchat history`",
             )
@@ -331,7 +335,9 @@ class HistoryStore:
                     (conversation_id, role, content, token_count, encoded, int(interrupted), now),
                 )
             except sqlite3.IntegrityError:
-                raise LocalchatError(f"no conversation {conversation_id} in the history") from None
+                raise ConversationNotFound(f"no conversation {conversation_id} in the history",
+                                           hint="it was deleted, maybe by another localchat"
+                                           ) from None
             db.execute(
                 "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
             )
@@ -440,13 +446,18 @@ class HistoryStore:
         with self._write() as db:
             old = db.execute(f"SELECT path FROM snapshots {same}", (*key, str(path))).fetchall()
             db.execute(f"DELETE FROM snapshots {same}", (*key, str(path)))
-            cursor = db.execute(
-                "INSERT INTO snapshots (conversation_id, path, model_identity, n_ctx,"
-                " llama_cpp_version, prefix_hash, token_count, size_bytes, last_used_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, str(path), model_identity, n_ctx, llama_cpp_version,
-                 prefix_hash, token_count, size_bytes, now),
-            )
+            try:
+                cursor = db.execute(
+                    "INSERT INTO snapshots (conversation_id, path, model_identity, n_ctx,"
+                    " llama_cpp_version, prefix_hash, token_count, size_bytes, last_used_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, str(path), model_identity, n_ctx, llama_cpp_version,
+                     prefix_hash, token_count, size_bytes, now),
+                )
+            except sqlite3.IntegrityError:  # the only constraint left: the conversation is gone
+                raise ConversationNotFound(f"no conversation {conversation_id} in the history",
+                                           hint="it was deleted, maybe by another localchat"
+                                           ) from None
             for row in old:
                 if row["path"] != str(path):
                     _remove_file(Path(row["path"]))
@@ -469,6 +480,10 @@ class HistoryStore:
                 db.execute("DELETE FROM snapshots WHERE id = ?", (rows[0]["id"],))
             return None
         return _snapshot(rows[0])
+
+    def snapshot_paths(self) -> set[Path]:
+        """Every snapshot file the index names (whether or not it still exists)."""
+        return {Path(row["path"]) for row in self._rows("SELECT path FROM snapshots")}
 
     def touch_snapshot(self, snapshot_id: int) -> None:
         """Mark a snapshot as just used, so eviction keeps it longest."""

@@ -169,18 +169,21 @@ def _model(chat: ChatSession, argument: str) -> bool:
 
 
 def _save(chat: ChatSession, argument: str) -> bool:
-    from localchat.history import validate_name
+    from localchat.history import ConversationNotFound, validate_name
 
     store = _require_history(chat)
     if not argument:
         raise UsageError("usage: /save NAME", "a name of letters, digits, '-', '_' or '.'")
     name = validate_name(argument)
     if chat.record is not None:
-        chat.record = store.rename_conversation(chat.record.id, name)
-    elif store.find_conversation(name) is not None:
-        raise UsageError(f"a conversation named {name!r} exists already",
-                         f"pick another name, or /load {name}")
-    else:
+        try:
+            chat.record = store.rename_conversation(chat.record.id, name)
+        except ConversationNotFound:  # deleted meanwhile: the name goes to the next message's
+            chat.forget_deleted_record()
+    if chat.record is None:
+        if store.find_conversation(name) is not None:
+            raise UsageError(f"a conversation named {name!r} exists already",
+                             f"pick another name, or /load {name}")
         chat.name = name
     print_note(chat.env, f"saved as {name}: resume it with `localchat run --session {name}`")
     return True

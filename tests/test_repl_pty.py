@@ -15,6 +15,7 @@ import sys
 import pexpect
 import pytest
 
+from localchat import snapshots
 from localchat.history import open_history
 
 pytestmark = pytest.mark.slow
@@ -167,3 +168,27 @@ def test_model_for_a_missing_file_offline_or_declined_keeps_the_chat(smollm2_pat
     assert online.leave("/bye\r") == 0
     for terminal in (offline, online):
         assert "Traceback" not in terminal.screen.getvalue()
+
+
+def test_deleting_the_open_conversation_elsewhere_is_one_note_and_a_clean_exit(smollm2_path):
+    chat = Terminal(smollm2_path, *CHAT, "--session", "live")
+    chat.wait(">>>")
+    chat.type(f"{QUESTION}\r")
+    chat.wait(AFTER_A_REPLY)
+    removed = subprocess.run([sys.executable, "-m", "localchat", "history", "rm", "live"],
+                             capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    chat.type("And of Italy?\r")
+    chat.wait(r"conversation live was deleted from the history; this chat goes on as "
+              r"conversation #\d+")
+    chat.wait(AFTER_A_REPLY)
+    assert chat.leave("/bye\r") == 0
+    screen = chat.screen.getvalue()
+    assert screen.count("was deleted from the history") == 1
+    assert "not saved" not in screen and "Traceback" not in screen
+    assert [(role, text) for role, text, _ in saved_messages()][0] == ("user", "And of Italy?")
+    with open_history() as store:
+        owned = {path.resolve() for path in store.snapshot_paths()}
+    files = set(snapshots.snapshot_dir().glob("*"))
+    assert {path.resolve() for path in files} <= owned, "a snapshot file no conversation owns"
+    assert owned  # the new conversation's snapshot
