@@ -327,9 +327,12 @@ def list_models(json_output: Annotated[bool, typer.Option("--json")] = False) ->
     from localchat import store
 
     env = Environment()
-    models = store.list_local_models()
-    records = [{**asdict(m), "path": str(m.path), "context_length": _trained_context(m.path)}
-               for m in models]
+    records = []
+    for found in store.list_local_models():
+        context_length, count = _header_facts(found.path)
+        records.append({**asdict(found), "path": str(found.path),
+                        "parameters": found.parameters or (count and render.format_count(count)),
+                        "parameter_count": count, "context_length": context_length})
     if json_output:
         render.print_json(env, {"models": records})
     elif not records:
@@ -338,22 +341,25 @@ def list_models(json_output: Annotated[bool, typer.Option("--json")] = False) ->
         render.print_table(env, ["NAME", "QUANT", "SIZE", "PARAMS", "CONTEXT", "WHERE"], [
             [r["name"], r["quant"] or "-", render.format_bytes(r["size_bytes"]),
              r["parameters"] or "-", str(r["context_length"] or "-"), r["path"]]
-            for r in records])
+            for r in records], fit=("NAME", "WHERE"))
 
 
-def _trained_context(path: Path) -> int | None:
+def _header_facts(path: Path) -> tuple[int | None, int | None]:
+    """The trained context and the parameter count the file's header gives, if it reads."""
     from localchat.modelfile import read_model_file
 
     try:
-        return read_model_file(path).context_length
+        info = read_model_file(path)
     except LocalchatError:
-        return None
+        return None, None
+    return info.context_length, info.parameter_count or None
 
 
 @app.command()
 def show(
     model: ModelArgument,
     ctx: Annotated[int | None, typer.Option(help="Context size for the memory estimate.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
     from localchat import store
@@ -370,8 +376,11 @@ def show(
     n_ctx = ctx or ref.defaults.ctx or min(info.context_length or 4096, 4096)
     if n_ctx < 1:
         raise UsageError(f"--ctx must be at least 1 (got {n_ctx})")
-    render.print_fields(env, render.model_fields(ref, info, estimate_memory(info, n_ctx),
-                                                 n_ctx, available_memory_bytes()))
+    memory, available = estimate_memory(info, n_ctx), available_memory_bytes()
+    if json_output:
+        render.print_json(env, render.model_record(ref, info, memory, n_ctx, available))
+        return
+    render.print_fields(env, render.model_fields(ref, info, memory, n_ctx, available))
     if info.chat_template:
         print(f"\nchat template:\n{render.terminal_safe(info.chat_template)}", file=env.stdout)
 
@@ -423,14 +432,28 @@ def history_list(ctx: typer.Context, limit: LimitOption = 20) -> None:
     if ctx.invoked_subcommand is not None:
         return
     env = Environment()
+    off = _say_if_history_is_off(env)
     with _history() as store:
         summaries = store.list_conversations(limit) if store else []
     if not summaries:
-        render.print_note(env, "no conversations yet: each `localchat run` is saved here")
+        if not off:
+            render.print_note(env, "no conversations yet: each `localchat run` is saved here")
         return
     render.print_table(env, ["ID", "NAME", "MODEL", "TURNS", "LAST MESSAGE", "UPDATED"], [
-        [str(s.id), s.name or "-", s.model, str(s.turn_count), s.last_message or "-",
-         render.format_when(s.updated_at)] for s in summaries])
+        [str(s.id), s.name or "-", render.model_label(s.model), str(s.turn_count),
+         s.last_message or "-", render.format_when(s.updated_at)] for s in summaries],
+        fit=("NAME", "MODEL", "LAST MESSAGE"))
+
+
+def _say_if_history_is_off(env: Environment) -> bool:
+    from localchat import paths
+    from localchat.config import load_config
+
+    if load_config().history is not False:
+        return False
+    render.print_note(env, f"the history is off (history = false in {paths.config_file()}): "
+                           "runs and chats are not saved")
+    return True
 
 
 @history_app.command("show")
@@ -465,7 +488,8 @@ def history_search(
         return
     render.print_table(env, ["ID", "NAME", "ROLE", "WHEN", "MATCH"], [
         [str(hit.conversation_id), hit.conversation_name or "-", hit.role,
-         render.format_when(hit.created_at), " ".join(hit.snippet.split())] for hit in hits])
+         render.format_when(hit.created_at), render.emphasis(hit.snippet, hit.matches)]
+        for hit in hits], fit=("NAME", "MATCH"))
 
 
 @history_app.command("export")

@@ -72,7 +72,8 @@ class ConversationSummary:
 
 @dataclass(frozen=True)
 class SearchHit:
-    """A message matching a search; `snippet` marks the matched terms with `**`."""
+    """A message matching a search: `snippet`, the passage around the match on one line, and
+    `matches`, the (start, end) character spans of the matched words in it."""
 
     conversation_id: int
     conversation_name: str | None
@@ -80,6 +81,7 @@ class SearchHit:
     role: str
     snippet: str
     created_at: datetime
+    matches: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,29 @@ def _time(seconds: float) -> datetime:
 def _fts_query(text: str) -> str:
     # Each word becomes a quoted phrase, so quotes, `*`, `-`, AND/OR/NEAR are plain text.
     return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+
+
+# snippet() brackets each matched word with these; private-use characters, so that a `**` or a
+# control character in the text itself is never taken for a marker.
+_MATCH_START, _MATCH_END = "\ue000", "\ue001"
+
+
+def _unmark(snippet: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The snippet on one line without its markers, and the spans they bracketed."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length, start = 0, None
+    for piece in re.split(f"([{_MATCH_START}{_MATCH_END}])", " ".join(snippet.split())):
+        if piece == _MATCH_START:
+            start = length
+        elif piece == _MATCH_END:
+            if start is not None and length > start:
+                spans.append((start, length))
+            start = None
+        else:
+            parts.append(piece)
+            length += len(piece)
+    return "".join(parts), tuple(spans)
 
 
 def _preview(content: str | None) -> str | None:
@@ -395,20 +420,21 @@ class HistoryStore:
             return []
         rows = self._rows(
             "SELECT m.id, m.conversation_id, c.name, m.role, m.created_at,"
-            " snippet(messages_fts, 0, '**', '**', '…', 12) AS snippet"
+            " snippet(messages_fts, 0, ?, ?, '…', 12) AS snippet"
             " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
             " JOIN conversations c ON c.id = m.conversation_id"
             " WHERE messages_fts MATCH ? ORDER BY rank, m.id DESC LIMIT ?",
-            (match, limit),
+            (_MATCH_START, _MATCH_END, match, limit),
         )
-        return [
-            SearchHit(
+        hits = []
+        for row in rows:
+            snippet, matches = _unmark(row["snippet"])
+            hits.append(SearchHit(
                 conversation_id=row["conversation_id"], conversation_name=row["name"],
-                message_id=row["id"], role=row["role"], snippet=row["snippet"],
-                created_at=_time(row["created_at"]),
-            )
-            for row in rows
-        ]
+                message_id=row["id"], role=row["role"], snippet=snippet,
+                created_at=_time(row["created_at"]), matches=matches,
+            ))
+        return hits
 
     def export_conversation(self, name_or_id: str | int, format: Literal["md", "json"]) -> str:
         """The whole conversation as Markdown or JSON."""

@@ -29,6 +29,8 @@ from rich.segment import ControlType, Segment, Segments
 from rich.style import Style
 from rich.syntax import Syntax
 
+from localchat.render import terminal_safe
+
 LIVE_LINES = 12  # code or list lines kept live before the finished ones are printed
 SPLIT_CHARS = 800  # about ten rows: a paragraph this long prints its finished rows
 PREVIEW_CHARS = 2000  # about a screen: a block that cannot be split shows only its tail live
@@ -105,6 +107,8 @@ class MarkdownStream:
         if self._done:
             raise RuntimeError("feed() after finish()")
         text = text.replace("\r", "")
+        if self._console.is_terminal:  # a model's escape sequences must not reach the terminal
+            text = terminal_safe(text)
         if "\n" in text:
             first, *middle, last = text.split("\n")
             self._partial.append(first)

@@ -18,7 +18,14 @@ from localchat import paths
 from localchat.chat import Conversation, Message, fit_to_window, messages_for_model
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.history import ConversationNotFound
-from localchat.render import Environment, PlainStream, format_rate, print_error, print_note
+from localchat.render import (
+    Environment,
+    PlainStream,
+    format_rate,
+    print_error,
+    print_note,
+    terminal_safe,
+)
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -246,9 +253,11 @@ class ChatSession:
         self.refresh_usage()
 
     def _show_last_exchange(self) -> None:
+        terminal = self.env.stdout_isatty
         for message in self.conversation.messages[-2:]:
             lead = PROMPT if message.role == "user" else ""
-            self.env.stdout.write(f"{lead}{message.content.rstrip()}\n")
+            text = message.content.rstrip()
+            self.env.stdout.write(f"{lead}{terminal_safe(text) if terminal else text}\n")
         self.env.stdout.write("\n")
         self.env.stdout.flush()
 

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 from localchat.chat import SETTINGS, parse_setting
 from localchat.errors import LocalchatError, UsageError
-from localchat.render import format_rate, format_when, print_fields, print_note, print_table
+from localchat.render import (
+    format_rate,
+    format_when,
+    model_label,
+    print_fields,
+    print_note,
+    print_table,
+    terminal_safe,
+)
 
 if TYPE_CHECKING:
     from localchat.history import HistoryStore
@@ -74,7 +82,8 @@ def _system(chat: ChatSession, argument: str) -> bool:
     if argument:
         _change_system(chat, argument)
     else:
-        print_note(chat.env, f"system prompt: {chat.conversation.system or '(none)'}")
+        shown = terminal_safe(chat.conversation.system or "(none)")  # it may come from a file
+        print_note(chat.env, f"system prompt: {shown}")
     return True
 
 
@@ -212,8 +221,9 @@ def _history(chat: ChatSession, argument: str) -> bool:
         return True
     current = chat.record.id if chat.record else None
     print_table(chat.env, ["", "ID", "NAME", "MODEL", "TURNS", "LAST MESSAGE", "UPDATED"], [
-        ["*" if s.id == current else "", str(s.id), s.name or "-", s.model, str(s.turn_count),
-         s.last_message or "-", format_when(s.updated_at)] for s in summaries])
+        ["*" if s.id == current else "", str(s.id), s.name or "-", model_label(s.model),
+         str(s.turn_count), s.last_message or "-", format_when(s.updated_at)]
+        for s in summaries], fit=("NAME", "MODEL", "LAST MESSAGE"))
     return True
 
 

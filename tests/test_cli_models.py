@@ -123,6 +123,20 @@ def test_show_a_local_file(smollm2_path):
     assert "trained context  8,192" in shown.stdout and "fits" in shown.stdout
 
 
+def test_show_json_is_one_object_with_the_metadata_memory_and_template(smollm2_path):
+    shown = localchat("show", str(smollm2_path), "--json", "--ctx", "2048")
+    assert shown.returncode == 0, shown.stderr
+    [line] = shown.stdout.splitlines()
+    record = json.loads(line)
+    assert record["architecture"] == "llama" and record["context_length"] == 8192
+    assert record["parameters"] > 100_000_000 and record["quantization"] == "Q4_1"
+    assert record["path"] == str(smollm2_path) and record["file_size"] > 0
+    memory = record["memory"]
+    assert memory["n_ctx"] == 2048 and memory["kv_cache_bytes"] > 0
+    assert memory["total_bytes"] == memory["weights_bytes"] + memory["kv_cache_bytes"]
+    assert "<|im_start|>" in record["chat_template"]
+
+
 def test_list_with_nothing_on_disk():
     result = localchat("list")
     assert result.returncode == 0 and "no models on disk" in result.stderr

@@ -13,7 +13,10 @@ import subprocess
 import sys
 
 import pexpect
+import pyte
 import pytest
+from rich.console import Console
+from rich.markdown import Markdown
 
 from localchat import snapshots
 from localchat.history import open_history
@@ -192,3 +195,61 @@ def test_deleting_the_open_conversation_elsewhere_is_one_note_and_a_clean_exit(s
     files = set(snapshots.snapshot_dir().glob("*"))
     assert {path.resolve() for path in files} <= owned, "a snapshot file no conversation owns"
     assert owned  # the new conversation's snapshot
+
+
+def test_stored_control_characters_are_shown_escaped_in_the_chat(smollm2_path):
+    hostile = "A\x1b[2J\x1b[31mRED"
+    with open_history() as store:
+        record = store.create_conversation(f"/somewhere/else/{smollm2_path.name}",
+                                           name="hostile")
+        store.add_message(record.id, "user", f"Say {hostile}")
+        store.add_message(record.id, "assistant", f"Sure: {hostile}")
+    chat = Terminal(smollm2_path, *CHAT, "--session", "hostile")
+    chat.wait(re.escape("continuing conversation hostile"))
+    chat.wait(">>>")
+    chat.type("/history\r")
+    chat.wait(r"LAST MESSAGE")
+    chat.wait(">>>")
+    assert chat.leave("/bye\r") == 0
+    screen = chat.screen.getvalue()
+    assert "\x1b[2J" not in screen and "\x1b[31m" not in screen
+    assert ">>> Say A\\x1b[2J\\x1b[31mRED" in screen  # the last exchange, shown on resume
+    assert "Sure: A\\x1b[2J\\x1b[31mRED" in screen  # in /history too, where it is the last
+    table = screen.split("LAST MESSAGE", 1)[1]
+    assert smollm2_path.name in table and "/somewhere/else" not in table  # a path: its file
+
+
+def screen_rows(output: str, columns: int, rows: int = 24) -> list[str]:
+    """Everything a terminal `columns` wide shows for `output`, scrollback included."""
+    display = pyte.HistoryScreen(columns, rows, history=10_000, ratio=0.5)
+    display.set_mode(pyte.modes.LNM)
+    pyte.Stream(display).feed(output)
+    lines = [*display.history.top, *(display.buffer[y] for y in range(rows))]
+    return ["".join(line[x].data for x in range(columns)).rstrip() for line in lines]
+
+
+@pytest.mark.parametrize("columns", [100, 140])
+def test_ctrl_c_mid_markdown_reply_shows_each_row_once(smollm2_path, columns):
+    """The terminal echoes ^C at the end of the live rows; the last redraw must not repeat
+    the live paragraph's first row."""
+    chat = Terminal(smollm2_path, "--temperature", "0", "--threads", "1", "--ctx", "1024",
+                    "--ignore-eos", "--max-tokens", "2000", columns=columns)
+    chat.wait(">>>")
+    chat.type("Tell me a long story.\r")
+    chat.wait(re.escape("\x1b[?2004l"))  # the prompt is done; the reply comes next
+    chat.wait(r"(\w+\W+){12}")  # a row or so has streamed in
+    chat.type("\x03")
+    chat.wait("interrupted: the partial reply is kept")
+    chat.wait(">>>")
+    assert chat.leave("/bye\r") == 0
+    [_, (_, partial, interrupted)] = saved_messages()
+    assert interrupted and partial
+    rows = screen_rows(chat.screen.getvalue(), columns)
+    start = next(i for i, row in enumerate(rows) if row.startswith(">>> Tell me a long story."))
+    end = next(i for i, row in enumerate(rows) if row.startswith("interrupted: the partial"))
+    console = Console(file=io.StringIO(), width=columns, force_terminal=True, _environ={})
+    console.print(Markdown(partial))
+    expected = screen_rows(console.file.getvalue(), columns, rows=200)
+    while expected and not expected[-1]:
+        expected.pop()
+    assert rows[start + 1 : end] == expected
