@@ -22,6 +22,7 @@ PREVIEW_CHARS = 80
 # ASCII only and a leading letter or digit: a name is safe in a file name and on any terminal.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+
 class ConversationNotFound(LocalchatError):
     """A conversation that is not, or no longer, in the history (another localchat deleted it)."""
 

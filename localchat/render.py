@@ -349,12 +349,11 @@ def _first_cells(cell: tuple[tuple[str, bool], ...],
     kept: list[tuple[str, bool]] = []
     for text, bold in cell:
         if cell_len(text) > room:
-            part = ""
-            for char in text:
-                if cell_len(part + char) > room:
-                    break
-                part += char
-            kept.append((part, bold))
+            index = 0
+            while index < len(text) and cell_len(text[index]) <= room:
+                room -= cell_len(text[index])
+                index += 1
+            kept.append((text[:index], bold))
             break
         kept.append((text, bold))
         room -= cell_len(text)
