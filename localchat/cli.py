@@ -76,6 +76,9 @@ def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
     """The one way a resolved model becomes a file on disk: pull it when missing.
 
     A person at a terminal is asked before a download starts; scripts just get the download.
+    Offline (`--offline` or HF_HUB_OFFLINE) there is nothing to ask: a missing model is an error.
+    Every way this fails is a LocalchatError (Ctrl-C at the question is a KeyboardInterrupt), so
+    the chat's /model can keep its current model.
     """
     if ref.kind == "path":
         return ref.path
@@ -84,16 +87,23 @@ def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
     path = store.find_local_model(ref)
     if path is not None:
         return path
-    if not offline and env.stdin_isatty and render.stderr_is_terminal(env) \
-            and not typer.confirm(f"{ref.name} is not on disk. Download it now?", default=True,
-                                  err=True):
-        raise typer.Exit(ExitStatus.ERROR)
+    if not store.offline_mode(offline) and env.stdin_isatty and render.stderr_is_terminal(env):
+        try:
+            wanted = typer.confirm(f"{ref.name} is not on disk. Download it now?", default=True,
+                                   err=True)
+        except typer.Abort:  # Ctrl-C or Ctrl-D at the question
+            raise KeyboardInterrupt from None
+        if not wanted:
+            raise LocalchatError(f"{ref.name} is not on disk and was not downloaded",
+                                 f"`localchat pull {ref.name}` fetches it")
     return _pull(ref, offline, env)
 
 
 def _pull(ref: Any, offline: bool, env: Environment) -> Path:
     from localchat.models import store
 
+    if store.offline_mode(offline):  # no progress bar for a download that cannot start
+        return store.pull_model(ref, offline=True)
     with render.download_progress(env, ref.name) as (progress, status):
         return store.pull_model(ref, progress=progress, status=status, offline=offline)
 
@@ -409,9 +419,12 @@ def list_models(
     from localchat.models import store
 
     env = _env(context)
-    models = store.list_local_models()
-    records = [{**asdict(m), "path": str(m.path), "context_length": _trained_context(m.path)}
-               for m in models]
+    records = []
+    for found in store.list_local_models():
+        context_length, count = _header_facts(found.path)
+        records.append({**asdict(found), "path": str(found.path),
+                        "parameters": found.parameters or (count and render.format_count(count)),
+                        "parameter_count": count, "context_length": context_length})
     if json_output:
         render.print_json(env, {"models": records})
     elif not records:
@@ -420,16 +433,18 @@ def list_models(
         render.print_table(env, ["NAME", "QUANT", "SIZE", "PARAMS", "CONTEXT", "WHERE"], [
             [r["name"], r["quant"] or "-", render.format_bytes(r["size_bytes"]),
              r["parameters"] or "-", str(r["context_length"] or "-"), r["path"]]
-            for r in records])
+            for r in records], fit=("NAME", "WHERE"))
 
 
-def _trained_context(path: Path) -> int | None:
+def _header_facts(path: Path) -> tuple[int | None, int | None]:
+    """The trained context and the parameter count the file's header gives, if it reads."""
     from localchat.models.gguf_reader import read_model_file
 
     try:
-        return read_model_file(path).context_length
+        info = read_model_file(path)
     except LocalchatError:
-        return None
+        return None, None
+    return info.context_length, info.parameter_count or None
 
 
 @app.command()
@@ -439,6 +454,7 @@ def show(
     ctx: Annotated[int | None, typer.Option(
         metavar="N", help="Context size for the memory estimate. [default: as run opens it]")
     ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
     from localchat.engine.local import context_warning
@@ -459,8 +475,11 @@ def show(
     warning = context_warning(n_ctx, info.context_length)
     if warning:
         render.print_note(env, warning)
-    render.print_fields(env, render.model_fields(ref, info, estimate_memory(info, n_ctx),
-                                                 n_ctx, available_memory_bytes()))
+    memory, available = estimate_memory(info, n_ctx), available_memory_bytes()
+    if json_output:
+        render.print_json(env, render.model_record(ref, info, memory, n_ctx, available))
+        return
+    render.print_fields(env, render.model_fields(ref, info, memory, n_ctx, available))
     if info.chat_template:
         print(f"\nchat template:\n{render.terminal_safe(info.chat_template)}", file=env.stdout)
 
@@ -515,14 +534,28 @@ def history_list(ctx: typer.Context, limit: LimitOption = 20) -> None:
     if ctx.invoked_subcommand is not None:
         return
     env = _env(ctx)
+    off = _say_if_history_is_off(env)
     with _history() as store:
         summaries = store.list_conversations(limit) if store else []
     if not summaries:
-        render.print_note(env, "no conversations yet: each `localchat run` is saved here")
+        if not off:
+            render.print_note(env, "no conversations yet: each `localchat run` is saved here")
         return
     render.print_table(env, ["ID", "NAME", "MODEL", "TURNS", "LAST MESSAGE", "UPDATED"], [
-        [str(s.id), s.name or "-", s.model, str(s.turn_count), s.last_message or "-",
-         render.format_when(s.updated_at)] for s in summaries])
+        [str(s.id), s.name or "-", render.model_label(s.model), str(s.turn_count),
+         s.last_message or "-", render.format_when(s.updated_at)] for s in summaries],
+        fit=("NAME", "MODEL", "LAST MESSAGE"))
+
+
+def _say_if_history_is_off(env: Environment) -> bool:
+    from localchat import paths
+    from localchat.config import load_config
+
+    if load_config().history is not False:
+        return False
+    render.print_note(env, f"the history is off (history = false in {paths.config_file()}): "
+                           "runs and chats are not saved")
+    return True
 
 
 @history_app.command("show")
@@ -558,7 +591,8 @@ def history_search(context: typer.Context,
         return
     render.print_table(env, ["ID", "NAME", "ROLE", "WHEN", "MATCH"], [
         [str(hit.conversation_id), hit.conversation_name or "-", hit.role,
-         render.format_when(hit.created_at), " ".join(hit.snippet.split())] for hit in hits])
+         render.format_when(hit.created_at), render.emphasis(hit.snippet, hit.matches)]
+        for hit in hits], fit=("NAME", "MATCH"))
 
 
 @history_app.command("export")

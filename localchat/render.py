@@ -56,10 +56,15 @@ def read_piped_input(env: Environment) -> str | None:
 
 
 class PlainStream:
-    """The same interface for raw text: `--no-markdown`, and output that is not a terminal."""
+    """The same interface for raw text: `--no-markdown`, and output that is not a terminal.
+
+    A model's text is untrusted: on a terminal its control characters are shown escaped
+    (`terminal_safe`) and carriage returns dropped; a pipe gets the text exactly.
+    """
 
     def __init__(self, file: IO[str]) -> None:
         self._file = file
+        self._safe = _isatty(file)
         self._at_line_start = True
         self._done = False
 
@@ -71,6 +76,8 @@ class PlainStream:
 
     def feed(self, text: str) -> None:
         """Write a piece as it is and flush, so a pipe sees it at once."""
+        if text and self._safe:
+            text = terminal_safe(text.replace("\r", ""))
         if text:
             self._file.write(text)
             self._file.flush()
@@ -218,15 +225,161 @@ def format_count(count: int | None) -> str:
     return str(count)
 
 
-def print_table(env: Environment, headers: list[str], rows: list[list[str]]) -> None:
-    """Aligned columns: bold headers on a terminal, plain text in a pipe."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
-    bold = _isatty(env.stdout) and not os.environ.get("NO_COLOR")
-    print(f"\x1b[1m{line}\x1b[0m" if bold else line, file=env.stdout)
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
-              file=env.stdout)
+# A table cell: text, or runs of (text, emphasised) such as a search match in its passage.
+Cell = str | tuple[tuple[str, bool], ...]
+ELLIPSIS = "…"
+_MIN_FITTED = 10  # a fitted column keeps at least this many cells (or its header's width)
+
+
+def print_table(env: Environment, headers: list[str], rows: list[list[Cell]],
+                fit: tuple[str, ...] = ()) -> None:
+    """Aligned columns: bold headers on a terminal, plain text in a pipe.
+
+    On a terminal every cell is made safe and one line (`terminal_safe`), emphasised runs are
+    bold, and the table is fitted to the terminal's width by cutting the widest of the `fit`
+    columns (free text: names, messages, paths) with an ellipsis. In a pipe cells are whole.
+    """
+    from rich.cells import cell_len
+
+    terminal = _isatty(env.stdout)
+    styled = terminal and not os.environ.get("NO_COLOR")
+    table = [[_runs(cell, terminal) for cell in row] for row in [headers, *rows]]
+    widths = [max(sum(cell_len(text) for text, _ in cell) for cell in column)
+              for column in zip(*table, strict=True)]
+    if terminal:
+        free = [index for index, header in enumerate(headers) if header in fit]
+        widths = _fitted(widths, free, [cell_len(header) for header in headers],
+                         terminal_columns(env))
+    for number, row in enumerate(table):
+        line = "  ".join(_cut(cell, width, styled)
+                         for cell, width in zip(row, widths, strict=True)).rstrip()
+        print(f"\x1b[1m{line}\x1b[0m" if number == 0 and styled else line, file=env.stdout)
+
+
+def terminal_columns(env: Environment) -> int:
+    """The width of the terminal on stdout (COLUMNS overrides it, as in shutil)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        size = os.get_terminal_size(env.stdout.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        size = 0
+    return size if size > 0 else 80
+
+
+def _runs(cell: Cell, terminal: bool) -> tuple[tuple[str, bool], ...]:
+    runs = ((cell, False),) if isinstance(cell, str) else cell
+    return tuple((terminal_safe(text, keep="") if terminal else text, bold)
+                 for text, bold in runs)
+
+
+def _fitted(widths: list[int], free: list[int], headers: list[int], available: int) -> list[int]:
+    """Column widths that fit `available` cells, narrowing the widest free columns first."""
+    widths = list(widths)
+    floor = {i: min(widths[i], max(headers[i], _MIN_FITTED)) for i in free}
+    excess = sum(widths) + 2 * (len(widths) - 1) - available
+    while excess > 0:
+        candidates = [i for i in free if widths[i] > floor[i]]
+        if not candidates:
+            break
+        widest = max(candidates, key=lambda i: (widths[i], i))  # in a tie, the later one
+        runner_up = max((widths[i] for i in candidates if i != widest), default=0)
+        target = max(runner_up, floor[widest], widths[widest] - excess)
+        if target == widths[widest]:  # tied with another: take one cell, then from the other
+            target -= 1
+        excess -= widths[widest] - target
+        widths[widest] = target
+    return widths
+
+
+def _cut(cell: tuple[tuple[str, bool], ...], width: int, styled: bool) -> str:
+    """The cell padded to `width` cells, or cut with an ellipsis where it is wider.
+
+    A cut keeps the first emphasised run (a search match) in view: when it lies beyond the
+    width, the start of the cell goes instead, marked with an ellipsis too.
+    """
+    from rich.cells import cell_len
+
+    if sum(cell_len(text) for text, _ in cell) > width:
+        end = _emphasis_end(cell)
+        if end is not None and end > width - 1:
+            cell = ((ELLIPSIS, False), *_without_first_cells(cell, end - width + 2))
+        if sum(cell_len(text) for text, _ in cell) > width:
+            cell = (*_first_cells(cell, width - 1), (ELLIPSIS, False))
+    used = sum(cell_len(text) for text, _ in cell)
+    return "".join(f"\x1b[1m{text}\x1b[22m" if bold and styled and text else text
+                   for text, bold in cell) + " " * (width - used)
+
+
+def _emphasis_end(cell: tuple[tuple[str, bool], ...]) -> int | None:
+    """How many cells into `cell` its first emphasised run ends, or None without one."""
+    from rich.cells import cell_len
+
+    used = 0
+    for text, bold in cell:
+        used += cell_len(text)
+        if bold:
+            return used
+    return None
+
+
+def _without_first_cells(cell: tuple[tuple[str, bool], ...],
+                         count: int) -> tuple[tuple[str, bool], ...]:
+    from rich.cells import cell_len
+
+    kept: list[tuple[str, bool]] = []
+    for text, bold in cell:
+        if count <= 0:
+            kept.append((text, bold))
+            continue
+        index = 0
+        while index < len(text) and count > 0:
+            count -= cell_len(text[index])
+            index += 1
+        if text[index:]:
+            kept.append((text[index:], bold))
+    return tuple(kept)
+
+
+def _first_cells(cell: tuple[tuple[str, bool], ...],
+                 room: int) -> tuple[tuple[str, bool], ...]:
+    from rich.cells import cell_len
+
+    kept: list[tuple[str, bool]] = []
+    for text, bold in cell:
+        if cell_len(text) > room:
+            index = 0
+            while index < len(text) and cell_len(text[index]) <= room:
+                room -= cell_len(text[index])
+                index += 1
+            kept.append((text[:index], bold))
+            break
+        kept.append((text, bold))
+        room -= cell_len(text)
+    return tuple(kept)
+
+
+def emphasis(text: str, spans: tuple[tuple[int, int], ...]) -> Cell:
+    """`text` as runs, the (start, end) character spans emphasised."""
+    runs: list[tuple[str, bool]] = []
+    position = 0
+    for start, end in sorted(spans):
+        if start > position:
+            runs.append((text[position:start], False))
+        if end > max(start, position):
+            runs.append((text[max(start, position):end], True))
+        position = max(position, end)
+    if position < len(text):
+        runs.append((text[position:], False))
+    return tuple(runs)
+
+
+def model_label(model: str) -> str:
+    """A model as a table shows it: a .gguf path by its file name; names as they are."""
+    if model.lower().endswith(".gguf"):
+        return model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return model
 
 
 def terminal_safe(text: str, keep: str = "\n\t") -> str:
@@ -275,6 +428,27 @@ def model_fields(ref: Any, info: Any, memory: Any, n_ctx: int,
     return fields
 
 
+def model_record(ref: Any, info: Any, memory: Any, n_ctx: int,
+                 available: int | None) -> dict[str, Any]:
+    """What `localchat show --json` prints: the same facts as `model_fields`, as data."""
+    spec = getattr(ref, "spec", None)
+    return {
+        "name": ref.name, "path": str(info.path), "file_size": info.file_size,
+        "description": spec.description if spec is not None else None,
+        "architecture": info.architecture, "parameters": info.parameter_count,
+        "quantization": info.quantization, "layers": info.block_count,
+        "context_length": info.context_length, "gguf_version": info.gguf_version,
+        "license": info.license or (spec.license if spec is not None else None),
+        "memory": {
+            "n_ctx": n_ctx, "weights_bytes": memory.weights_bytes,
+            "kv_cache_bytes": memory.kv_cache_bytes, "total_bytes": memory.total_bytes,
+            "kv_cache_known": memory.kv_cache_known, "available_bytes": available,
+            "fits": memory.total_bytes < available if available is not None else None,
+        },
+        "chat_template": info.chat_template,
+    }
+
+
 # ---- history: `localchat history` listings and transcripts ----------------------------------
 
 
@@ -284,9 +458,14 @@ def format_when(moment: Any) -> str:
 
 
 def print_transcript(env: Environment, messages: list[Any]) -> None:
-    """Each message as a role line (bold on a terminal) and its text, a blank line between."""
-    bold = _isatty(env.stdout) and not os.environ.get("NO_COLOR")
+    """Each message as a role line (bold on a terminal) and its text, a blank line between.
+
+    On a terminal the text is made safe (`terminal_safe`): it came from a person or a model.
+    """
+    terminal = _isatty(env.stdout)
+    bold = terminal and not os.environ.get("NO_COLOR")
     for message in messages:
         label = f"{message.role}:" + (" (interrupted)" if message.interrupted else "")
         print(f"\x1b[1m{label}\x1b[0m" if bold else label, file=env.stdout)
-        print(message.content.rstrip("\n"), end="\n\n", file=env.stdout)
+        text = message.content.rstrip("\n")
+        print(terminal_safe(text) if terminal else text, end="\n\n", file=env.stdout)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pexpect
 import pytest
 from hub_server import HubServer
 
@@ -130,7 +131,46 @@ def test_show_warns_about_a_ctx_past_the_trained_length(smollm2_path):
     assert localchat("show", str(smollm2_path), "--ctx", "8192").stderr == ""
 
 
+def test_show_json_is_one_object_with_the_metadata_memory_and_template(smollm2_path):
+    shown = localchat("show", str(smollm2_path), "--json", "--ctx", "2048")
+    assert shown.returncode == 0, shown.stderr
+    [line] = shown.stdout.splitlines()
+    record = json.loads(line)
+    assert record["architecture"] == "llama" and record["context_length"] == 8192
+    assert record["parameters"] > 100_000_000 and record["quantization"] == "Q4_1"
+    assert record["path"] == str(smollm2_path) and record["file_size"] > 0
+    memory = record["memory"]
+    assert memory["n_ctx"] == 2048 and memory["kv_cache_bytes"] > 0
+    assert memory["total_bytes"] == memory["weights_bytes"] + memory["kv_cache_bytes"]
+    assert "<|im_start|>" in record["chat_template"]
+
+
 def test_list_with_nothing_on_disk():
     result = localchat("list")
     assert result.returncode == 0 and "no models on disk" in result.stderr
     assert json.loads(localchat("list", "--json").stdout) == {"models": []}
+
+
+
+def at_a_terminal(*args: str, **env: str) -> tuple[int | None, str]:
+    """`localchat ARGS` in a pseudo-terminal (plain, no colour); its status and output.
+
+    A question (`Download it now?`) counts as the end: a person would have to answer it.
+    """
+    child = pexpect.spawn(sys.executable, ["-m", "localchat", *args],
+                          env={**os.environ, "TERM": "xterm", "NO_COLOR": "1", **env},
+                          dimensions=(24, 100), encoding="utf-8", timeout=60)
+    asked = child.expect([r"Download it now\?", pexpect.EOF]) == 0
+    output = child.before + ("Download it now?" if asked else "")
+    child.close(force=True)
+    return (None if asked else child.exitstatus), output
+
+
+def test_hf_hub_offline_at_a_terminal_asks_nothing_and_draws_no_bar():
+    """HF_HUB_OFFLINE=1 counts like --offline: a one-line error, not a question and a 0/? bar."""
+    expected = ["error: smollm2:q4_1 is not on disk, and offline mode is on (go online and "
+                "`localchat pull smollm2:q4_1`, or unset HF_HUB_OFFLINE)"]
+    for command in (["run", "smollm2", "hi"], ["pull", "smollm2"]):
+        status, output = at_a_terminal(*command, HF_HUB_OFFLINE="1")
+        assert status == 1, output
+        assert [line for line in output.splitlines() if line.strip()] == expected, output

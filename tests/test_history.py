@@ -234,11 +234,20 @@ def test_search_finds_words_stemmed_and_across_conversations(store):
     store.add_message(trip.id, "user", "Trains from Oslo to Bergen")
     hits = store.search("sourdough")
     assert [(h.conversation_name, h.role) for h in hits] == [("bread", "user")]
-    assert "**sourdough**" in hits[0].snippet
+    [(start, end)] = hits[0].matches
+    assert hits[0].snippet[start:end] == "sourdough" and "**" not in hits[0].snippet
     assert {h.message_id for h in store.search("baking")} == {1, 2}
     assert [h.conversation_id for h in store.search("oslo bergen")] == [trip.id]
     assert store.search("oslo sourdough") == []
     assert len(store.search("bake", limit=1)) == 1
+
+
+def test_search_spans_mark_the_matches_and_the_text_own_stars_stay_text(store):
+    chat = store.create_conversation("smollm2")
+    store.add_message(chat.id, "assistant", "Use **bold** text:\n\n  bold   words\tstand out.")
+    [hit] = store.search("bold")
+    assert hit.snippet == "Use **bold** text: bold words stand out."  # one line
+    assert [hit.snippet[start:end] for start, end in hit.matches] == ["bold", "bold"]
 
 
 @pytest.mark.parametrize(

@@ -369,6 +369,28 @@ def test_ctrl_c_mid_answer_keeps_what_was_shown_and_restores_the_cursor(clock: C
         stream.feed("more")
 
 
+@pytest.mark.parametrize(
+    "answer",
+    ["The sky is blue because sunlight is scattered by the molecules of the air, and blue "
+     "light is scattered more than red light, so",
+     MIXED[:150], long_paragraph(1500), long_code(30)[:300]],
+    ids=["first-paragraph", "after-a-heading", "long-paragraph", "code"],
+)
+def test_the_ctrl_c_a_terminal_echoes_is_erased_with_the_live_rows(answer: str,
+                                                                   clock: Clock) -> None:
+    """A tty echoes `^C` where the cursor is; rich pads a paragraph's rows to the full width, so
+    at the end of the live rows that echo would wrap to a new line and the last redraw would
+    leave the live block's first row on the screen twice."""
+    console = terminal()
+    stream = MarkdownStream(console)
+    for start in range(0, len(answer), 5):
+        clock.now += 1 / 60
+        stream.feed(answer[start : start + 5])
+    console.file.write("^C")  # type: ignore[attr-defined]  # what the terminal driver echoes
+    stream.finish()
+    assert screen(console.file.getvalue()) == reference(answer)  # type: ignore[attr-defined]
+
+
 def test_without_a_terminal_blocks_are_printed_once_without_escape_codes() -> None:
     console = Console(file=io.StringIO(), width=WIDTH, _environ={})
     stream = MarkdownStream(console)

@@ -317,3 +317,35 @@ def test_an_engine_without_a_local_cache_is_a_note():
 
     assert "no local KV cache" in save_snapshot(Remote(), None, 1).note
     assert "no local KV cache" in restore_snapshot(Remote(), None, 1, []).note
+
+
+def test_a_snapshot_of_a_conversation_deleted_meanwhile_leaves_no_file(engine, store, live):
+    conversation = store.create_conversation("smollm2")
+    with open_history() as elsewhere:  # `localchat history rm` in another terminal
+        elsewhere.delete_conversation(conversation.id)
+    engine.import_state(live["tokens"], bytearray(live["state"]))
+    result = save_snapshot(engine, store, conversation.id)
+    assert result.path is None and result.note.startswith("no snapshot saved: no conversation")
+    assert list(snapshots.snapshot_dir().glob("*.kvsnap")) == []
+
+
+def test_snapshot_files_no_conversation_owns_are_swept(saved, store, engine, live):
+    _, kept = saved
+    directory = snapshots.snapshot_dir()
+    ours = kept.path.name.split("-conversation-")[0]
+    orphan = directory / f"{ours}-conversation-99-0123456789abcdef.kvsnap"
+    writing = directory / f"{ours}-conversation-98-0123456789abcdef.kvsnap"
+    other_history = directory / "h00000000-conversation-99-0123456789abcdef.kvsnap"
+    for path in (orphan, writing, other_history):
+        path.write_bytes(b"kv")
+    an_hour_ago = time.time() - 3600
+    for path in (orphan, other_history):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    assert snapshots.sweep_orphans(store) == [orphan]
+    assert not orphan.exists()
+    assert kept.path.exists() and writing.exists() and other_history.exists()
+    # Saving a snapshot sweeps too.
+    os.utime(writing, (an_hour_ago, an_hour_ago))
+    engine.import_state(live["tokens"], bytearray(live["state"]))
+    assert save_snapshot(engine, store, store.create_conversation("smollm2").id).path
+    assert not writing.exists() and other_history.exists()

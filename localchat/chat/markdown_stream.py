@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.markdown import Markdown
-from rich.segment import Segment, Segments
+from rich.segment import ControlType, Segment, Segments
 from rich.style import Style
 from rich.syntax import Syntax
+
+from localchat.render import terminal_safe
 
 LIVE_LINES = 12  # code or list lines kept live before the finished ones are printed
 SPLIT_CHARS = 800  # about ten rows: a paragraph this long prints its finished rows
@@ -105,6 +107,8 @@ class MarkdownStream:
         if self._done:
             raise RuntimeError("feed() after finish()")
         text = text.replace("\r", "")
+        if self._console.is_terminal:  # a model's escape sequences must not reach the terminal
+            text = terminal_safe(text)
         if "\n" in text:
             first, *middle, last = text.split("\n")
             self._partial.append(first)
@@ -364,7 +368,7 @@ class MarkdownStream:
                 redirect_stdout=False, redirect_stderr=False,
             )
             self._live.start()
-        self._live.update(_segments(rows), refresh=True)
+        self._live.update(_live_segments(rows), refresh=True)
 
     def _preview(self) -> _Rows:
         """The growing block rendered on its own, its tail only when it is long."""
@@ -460,6 +464,19 @@ def _word_start(text: str, index: int) -> int | None:
 def _segments(rows: _Rows) -> Segments:
     """Rows rendered earlier, to print as they are."""
     return Segments([segment for row in rows for segment in (*row, Segment.line())])
+
+
+def _live_segments(rows: _Rows) -> Segments:
+    """The live rows, leaving the cursor at the start of the last one rather than at its end.
+
+    rich pads a paragraph's rows to the full width, so at the end of the last row the cursor
+    waits at the right margin: the `^C` a terminal echoes for Ctrl-C (or a key typed while the
+    reply streams) would wrap onto a new line that rich does not know about, and the last redraw
+    would start one line too low, leaving the block's first row on the screen twice. From the
+    start of the row, an echo stays inside the region, where the next redraw erases it.
+    """
+    segments = [segment for row in rows for segment in (*row, Segment.line())][:-1]
+    return Segments([*segments, Segment("\r", control=((ControlType.CARRIAGE_RETURN,),))])
 
 
 def _canonical(rows: _Rows) -> list[list[tuple[str, Style]]]:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
 from localchat.errors import LocalchatError, UsageError
-from localchat.render import Environment, PlainStream, format_rate, print_note
+from localchat.history.records import ConversationNotFound
+from localchat.render import Environment, PlainStream, format_rate, print_note, terminal_safe
 
 if TYPE_CHECKING:
     from localchat.engine.protocol import Engine
@@ -139,19 +140,43 @@ class ChatSession:
 
     def save_message(self, role: str, text: str, stats: Any = None,
                      interrupted: bool = False) -> None:
-        """Commit one message, creating the conversation with the first; failures are a note."""
+        """Commit one message, creating the conversation with the first; failures are a note.
+
+        A conversation deleted meanwhile (`localchat history rm` in another terminal) is not an
+        error: the chat goes on as a new conversation, which gets this exchange.
+        """
         if self.store is None:
             return
         try:
-            if self.record is None:
-                self.record = self.store.create_conversation(
-                    self.model, self.conversation.system, name=self.name,
-                    settings={"mode": "repl", **asdict(self.sampling)})
-            self.store.add_message(
-                self.record.id, role, text, token_count=stats.completion_tokens if stats else None,
-                timings=asdict(stats) if stats else None, interrupted=interrupted)
+            try:
+                self._add_message(role, text, stats, interrupted)
+            except ConversationNotFound:
+                if self.record is None:
+                    raise
+                gone = self.record.label
+                self.record, self.name = None, None
+                if role == "assistant":  # the question goes with its answer
+                    question = next((m for m in reversed(self.conversation.messages)
+                                     if m.role == "user"), None)
+                    if question is not None:
+                        self._add_message("user", question.content)
+                self._add_message(role, text, stats, interrupted)
+                assert self.record is not None
+                print_note(self.env, f"note: conversation {gone} was deleted from the history; "
+                                     f"this chat goes on as conversation {self.record.label}")
         except LocalchatError as exc:
             self._history_failed(exc)
+
+    def _add_message(self, role: str, text: str, stats: Any = None,
+                     interrupted: bool = False) -> None:
+        assert self.store is not None
+        if self.record is None:
+            self.record = self.store.create_conversation(
+                self.model, self.conversation.system, name=self.name,
+                settings={"mode": "repl", **asdict(self.sampling)})
+        self.store.add_message(
+            self.record.id, role, text, token_count=stats.completion_tokens if stats else None,
+            timings=asdict(stats) if stats else None, interrupted=interrupted)
 
     def with_history(self, action: Callable[[HistoryStore, int], object]) -> None:
         """Apply a change to the saved conversation, if there is one; failures are a note."""
@@ -159,8 +184,18 @@ class ChatSession:
             return
         try:
             action(self.store, self.record.id)
+        except ConversationNotFound:
+            self.forget_deleted_record()
         except LocalchatError as exc:
             self._history_failed(exc)
+
+    def forget_deleted_record(self) -> None:
+        """The saved conversation was deleted: say so; the next message starts a new one."""
+        assert self.record is not None
+        print_note(self.env, f"note: conversation {self.record.label} was deleted from the "
+                             "history; this chat goes on as a new conversation from the next "
+                             "message")
+        self.record, self.name, self.cache_is_current = None, None, False
 
     def _history_failed(self, error: LocalchatError) -> None:
         hint = f" ({error.hint})" if error.hint else ""
@@ -203,9 +238,11 @@ class ChatSession:
         self.refresh_usage()
 
     def _show_last_exchange(self) -> None:
+        terminal = self.env.stdout_isatty
         for message in self.conversation.messages[-2:]:
             lead = PROMPT if message.role == "user" else ""
-            self.env.stdout.write(f"{lead}{message.content.rstrip()}\n")
+            text = message.content.rstrip()
+            self.env.stdout.write(f"{lead}{terminal_safe(text) if terminal else text}\n")
         self.env.stdout.write("\n")
         self.env.stdout.flush()
 
@@ -228,6 +265,9 @@ class ChatSession:
             return
         except LocalchatError as exc:
             raise LocalchatError(f"{exc.message} (still using {self.model})", exc.hint) from exc
+        except (OSError, MemoryError) as exc:  # a file or memory llama.cpp could not have
+            raise LocalchatError(f"cannot load {name}: {exc} (still using {self.model})",
+                                 "run with --debug for the traceback") from exc
         self.end_conversation()
         self.close_engine()
         self.engine, self.owns_engine, self.model = engine, True, model

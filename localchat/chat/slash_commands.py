@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING
 from localchat import settings
 from localchat.chat.conversation import parse_setting, slash_settings
 from localchat.errors import LocalchatError, UsageError
-from localchat.render import format_rate, format_when, print_fields, print_note, print_table
+from localchat.render import (
+    format_rate,
+    format_when,
+    model_label,
+    print_fields,
+    print_note,
+    print_table,
+    terminal_safe,
+)
 
 if TYPE_CHECKING:
     from localchat.chat.session import ChatSession
@@ -75,7 +83,8 @@ def _system(chat: ChatSession, argument: str) -> bool:
     if argument:
         _change_system(chat, argument)
     else:
-        print_note(chat.env, f"system prompt: {chat.conversation.system or '(none)'}")
+        shown = terminal_safe(chat.conversation.system or "(none)")  # it may come from a file
+        print_note(chat.env, f"system prompt: {shown}")
     return True
 
 
@@ -170,18 +179,21 @@ def _model(chat: ChatSession, argument: str) -> bool:
 
 
 def _save(chat: ChatSession, argument: str) -> bool:
-    from localchat.history.records import validate_name
+    from localchat.history.records import ConversationNotFound, validate_name
 
     store = _require_history(chat)
     if not argument:
         raise UsageError("usage: /save NAME", "a name of letters, digits, '-', '_' or '.'")
     name = validate_name(argument)
     if chat.record is not None:
-        chat.record = store.rename_conversation(chat.record.id, name)
-    elif store.find_conversation(name) is not None:
-        raise UsageError(f"a conversation named {name!r} exists already",
-                         f"pick another name, or /load {name}")
-    else:
+        try:
+            chat.record = store.rename_conversation(chat.record.id, name)
+        except ConversationNotFound:  # deleted meanwhile: the name goes to the next message's
+            chat.forget_deleted_record()
+    if chat.record is None:
+        if store.find_conversation(name) is not None:
+            raise UsageError(f"a conversation named {name!r} exists already",
+                             f"pick another name, or /load {name}")
         chat.name = name
     print_note(chat.env, f"saved as {name}: resume it with `localchat run --session {name}`")
     return True
@@ -210,8 +222,9 @@ def _history(chat: ChatSession, argument: str) -> bool:
         return True
     current = chat.record.id if chat.record else None
     print_table(chat.env, ["", "ID", "NAME", "MODEL", "TURNS", "LAST MESSAGE", "UPDATED"], [
-        ["*" if s.id == current else "", str(s.id), s.name or "-", s.model, str(s.turn_count),
-         s.last_message or "-", format_when(s.updated_at)] for s in summaries])
+        ["*" if s.id == current else "", str(s.id), s.name or "-", model_label(s.model),
+         str(s.turn_count), s.last_message or "-", format_when(s.updated_at)]
+        for s in summaries], fit=("NAME", "MODEL", "LAST MESSAGE"))
     return True
 
 

@@ -22,6 +22,11 @@ PREVIEW_CHARS = 80
 # ASCII only and a leading letter or digit: a name is safe in a file name and on any terminal.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+
+class ConversationNotFound(LocalchatError):
+    """A conversation that is not, or no longer, in the history (another localchat deleted it)."""
+
+
 @dataclass(frozen=True)
 class ConversationRecord:
     """A stored conversation's header."""
@@ -68,7 +73,8 @@ class ConversationSummary:
 
 @dataclass(frozen=True)
 class SearchHit:
-    """A message matching a search; `snippet` marks the matched terms with `**`."""
+    """A message matching a search: `snippet`, the passage around the match on one line, and
+    `matches`, the (start, end) character spans of the matched words in it."""
 
     conversation_id: int
     conversation_name: str | None
@@ -76,6 +82,7 @@ class SearchHit:
     role: str
     snippet: str
     created_at: datetime
+    matches: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,29 @@ def _time(seconds: float) -> datetime:
 def _fts_query(text: str) -> str:
     # Each word becomes a quoted phrase, so quotes, `*`, `-`, AND/OR/NEAR are plain text.
     return " ".join('"' + word.replace('"', '""') + '"' for word in text.split())
+
+
+# snippet() brackets each matched word with these; private-use characters, so that a `**` or a
+# control character in the text itself is never taken for a marker.
+_MATCH_START, _MATCH_END = "\ue000", "\ue001"
+
+
+def _unmark(snippet: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The snippet on one line without its markers, and the spans they bracketed."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length, start = 0, None
+    for piece in re.split(f"([{_MATCH_START}{_MATCH_END}])", " ".join(snippet.split())):
+        if piece == _MATCH_START:
+            start = length
+        elif piece == _MATCH_END:
+            if start is not None and length > start:
+                spans.append((start, length))
+            start = None
+        else:
+            parts.append(piece)
+            length += len(piece)
+    return "".join(parts), tuple(spans)
 
 
 def _preview(content: str | None) -> str | None:
@@ -294,7 +324,7 @@ class HistoryStore:
     def _require(self, name_or_id: str | int) -> ConversationRecord:
         found = self.find_conversation(name_or_id)
         if found is None:
-            raise LocalchatError(
+            raise ConversationNotFound(
                 f"no conversation {name_or_id!r} in the history",
                 hint="list them with `localchat history`",
             )
@@ -331,7 +361,9 @@ class HistoryStore:
                     (conversation_id, role, content, token_count, encoded, int(interrupted), now),
                 )
             except sqlite3.IntegrityError:
-                raise LocalchatError(f"no conversation {conversation_id} in the history") from None
+                raise ConversationNotFound(f"no conversation {conversation_id} in the history",
+                                           hint="it was deleted, maybe by another localchat"
+                                           ) from None
             db.execute(
                 "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
             )
@@ -389,20 +421,21 @@ class HistoryStore:
             return []
         rows = self._rows(
             "SELECT m.id, m.conversation_id, c.name, m.role, m.created_at,"
-            " snippet(messages_fts, 0, '**', '**', '…', 12) AS snippet"
+            " snippet(messages_fts, 0, ?, ?, '…', 12) AS snippet"
             " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
             " JOIN conversations c ON c.id = m.conversation_id"
             " WHERE messages_fts MATCH ? ORDER BY rank, m.id DESC LIMIT ?",
-            (match, limit),
+            (_MATCH_START, _MATCH_END, match, limit),
         )
-        return [
-            SearchHit(
+        hits = []
+        for row in rows:
+            snippet, matches = _unmark(row["snippet"])
+            hits.append(SearchHit(
                 conversation_id=row["conversation_id"], conversation_name=row["name"],
-                message_id=row["id"], role=row["role"], snippet=row["snippet"],
-                created_at=_time(row["created_at"]),
-            )
-            for row in rows
-        ]
+                message_id=row["id"], role=row["role"], snippet=snippet,
+                created_at=_time(row["created_at"]), matches=matches,
+            ))
+        return hits
 
     def export_conversation(self, name_or_id: str | int, format: Literal["md", "json"]) -> str:
         """The whole conversation as Markdown or JSON."""
@@ -440,13 +473,18 @@ class HistoryStore:
         with self._write() as db:
             old = db.execute(f"SELECT path FROM snapshots {same}", (*key, str(path))).fetchall()
             db.execute(f"DELETE FROM snapshots {same}", (*key, str(path)))
-            cursor = db.execute(
-                "INSERT INTO snapshots (conversation_id, path, model_identity, n_ctx,"
-                " llama_cpp_version, prefix_hash, token_count, size_bytes, last_used_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, str(path), model_identity, n_ctx, llama_cpp_version,
-                 prefix_hash, token_count, size_bytes, now),
-            )
+            try:
+                cursor = db.execute(
+                    "INSERT INTO snapshots (conversation_id, path, model_identity, n_ctx,"
+                    " llama_cpp_version, prefix_hash, token_count, size_bytes, last_used_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, str(path), model_identity, n_ctx, llama_cpp_version,
+                     prefix_hash, token_count, size_bytes, now),
+                )
+            except sqlite3.IntegrityError:  # the only constraint left: the conversation is gone
+                raise ConversationNotFound(f"no conversation {conversation_id} in the history",
+                                           hint="it was deleted, maybe by another localchat"
+                                           ) from None
             for row in old:
                 if row["path"] != str(path):
                     _remove_file(Path(row["path"]))
@@ -469,6 +507,10 @@ class HistoryStore:
                 db.execute("DELETE FROM snapshots WHERE id = ?", (rows[0]["id"],))
             return None
         return _snapshot(rows[0])
+
+    def snapshot_paths(self) -> set[Path]:
+        """Every snapshot file the index names (whether or not it still exists)."""
+        return {Path(row["path"]) for row in self._rows("SELECT path FROM snapshots")}
 
     def touch_snapshot(self, snapshot_id: int) -> None:
         """Mark a snapshot as just used, so eviction keeps it longest."""

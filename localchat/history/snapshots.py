@@ -45,6 +45,9 @@ _MAX_HEADER_BYTES = 64 * 1024  # a real header is ~300 bytes; more means a damag
 # A snapshot that agrees with the history for fewer tokens than this is not worth loading.
 _MIN_PARTIAL_TOKENS = 32
 _STALE_TEMP_S = 3600.0  # a temp file this old belongs to a process that died mid-write
+# A snapshot is indexed right after it is written; the index may wait out another localchat's
+# write lock (5 s). A file this old that the index does not name belongs to no conversation.
+_UNINDEXED_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,41 @@ def _token_bytes(tokens: Sequence[int]) -> bytes:
 
 
 def _file_name(store: HistoryStore, conversation_id: int, key: SnapshotKey) -> str:
-    # One file per conversation and key; the database path keeps two histories apart.
+    # One file per conversation and key; the database path keeps two histories apart, and the
+    # prefix says which history a file belongs to, so a sweep touches only its own files.
     digest = hashlib.sha256(
         f"{store.path.resolve()}\n{key.model_identity}\n{key.n_ctx}\n{key.llama_cpp_version}"
         .encode()
     ).hexdigest()[:16]
-    return f"conversation-{conversation_id}-{digest}.kvsnap"
+    return f"{_history_tag(store)}-conversation-{conversation_id}-{digest}.kvsnap"
+
+
+def _history_tag(store: HistoryStore) -> str:
+    return "h" + hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:8]
+
+
+def sweep_orphans(store: HistoryStore) -> list[Path]:
+    """Delete this history's snapshot files that no conversation owns; return them.
+
+    They are left by a process killed between writing a file and indexing it, or by a history
+    whose rows were deleted without their files. Files still being written (younger than a
+    minute) and other histories' files are left alone; a busy disk or database only skips it.
+    """
+    directory = snapshot_dir()
+    removed: list[Path] = []
+    try:
+        candidates = sorted(directory.glob(f"{_history_tag(store)}-conversation-*.kvsnap"))
+        if not candidates:
+            return removed
+        owned = {path.resolve() for path in store.snapshot_paths()}
+        cutoff = time.time() - _UNINDEXED_GRACE_S
+        for path in candidates:
+            if path.resolve() not in owned and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+    except (OSError, LocalchatError):
+        pass
+    return removed
 
 
 def _supports_state(engine: Any) -> bool:
@@ -160,6 +192,7 @@ def save_snapshot(
     try:
         directory = paths.ensure_private_dir(snapshot_dir())
         _remove_stale_temp_files(directory)
+        sweep_orphans(store)
         target = directory / _file_name(store, conversation_id, key)
         _write_atomically(target, parts)  # if this fails, the last good snapshot is untouched
         path = target

@@ -105,7 +105,7 @@ def pull_model(ref: ModelRef, *, progress: Progress | None = None, status: Statu
         return found
     if ref.kind == "path":
         raise ModelFileError(f"no model file at {ref.path}", "check the path")
-    if _offline(offline):
+    if offline_mode(offline):
         raise LocalchatError(f"{ref.name} is not on disk, and offline mode is on",
                              f"go online and `localchat pull {ref.name}`, or unset HF_HUB_OFFLINE")
     try:
@@ -198,7 +198,9 @@ def remove_model(ref: ModelRef) -> int:
 # ---- the hub -----------------------------------------------------------------------------------
 
 
-def _offline(flag: bool) -> bool:
+def offline_mode(flag: bool = False) -> bool:
+    """True with `--offline` (`flag`) or HF_HUB_OFFLINE (TRANSFORMERS_OFFLINE) set, as the hub
+    reads them: then nothing may touch the network."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return flag or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
