@@ -551,7 +551,7 @@ def _say_if_history_is_off(env: Environment) -> bool:
     from localchat import paths
     from localchat.config import load_config
 
-    if load_config().history is not False:
+    if load_config().settings.get("history") is not False:
         return False
     render.print_note(env, f"the history is off (history = false in {paths.config_file()}): "
                            "runs and chats are not saved")
