@@ -23,6 +23,16 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`-m "not slow"` is the tier that needs no model: a test using the model must say slow."""
+    unmarked = [item.nodeid for item in items
+                if "smollm2_path" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the real model but are not marked slow:\n  "
+                                + "\n  ".join(unmarked))
+
+
 def _load_fetcher():
     spec = importlib.util.spec_from_file_location(
         "fetch_test_model", ROOT / "scripts" / "fetch_test_model.py"

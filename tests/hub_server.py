@@ -321,6 +321,23 @@ def _git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def go_online(monkeypatch, endpoint: str) -> None:
+    """Let localchat and huggingface_hub reach `endpoint` (and nothing else) for one test.
+
+    conftest sets HF_HUB_OFFLINE=1 and a dead HF_ENDPOINT; huggingface_hub copies both into its
+    constants when first imported, so those copies are patched too (the import happens here, not
+    at the top: collecting the tests must not import it).
+    """
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
 def dead_endpoint() -> str:
     """An http://127.0.0.1 URL where nothing listens: a hub that cannot be reached."""
     with socket.socket() as probe:

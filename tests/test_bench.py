@@ -9,9 +9,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pexpect
 import pytest
+from gguf_factory import write_tiny_gguf
 
 from localchat import bench
 from localchat.engine.loader import load_engine
@@ -246,11 +248,21 @@ def test_peak_rss_covers_what_this_process_touched():
     del block
 
 
-def test_weights_read_per_token_counts_a_tied_embedding_in_full(smollm2_path):
-    info = read_model_file(smollm2_path)
+def test_weights_read_per_token_counts_a_tied_embedding_in_full(tmp_path):
+    info = read_model_file(write_tiny_gguf(tmp_path / "tiny.gguf"))
     names = {tensor.name for tensor in info.tensors}
-    assert "output.weight" not in names  # SmolLM2 reuses token_embd as its output layer
+    assert "token_embd.weight" in names and "output.weight" not in names  # tied, like SmolLM2
     assert bench.weights_read_per_token(info) == sum(t.nbytes for t in info.tensors)
+    embedding = next(t for t in info.tensors if t.name == "token_embd.weight")
+    untied = SimpleNamespace(tensors=[*info.tensors, SimpleNamespace(name="output.weight",
+                                                                      nbytes=1000)])
+    assert bench.weights_read_per_token(untied) == (  # one row of the input embedding: ~nothing
+        sum(t.nbytes for t in info.tensors) - embedding.nbytes + 1000)
+
+
+@pytest.mark.slow
+def test_weights_read_per_token_of_the_real_model_is_nearly_the_whole_file(smollm2_path):
+    info = read_model_file(smollm2_path)
     assert 0.9 * info.file_size < bench.weights_read_per_token(info) < info.file_size
 
 

@@ -53,6 +53,7 @@ def refusal(path: Path) -> ModelFileError:
 # ---- the real model ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_model_matches_the_gguf_package(smollm2_path, real_reader):
     info = read_model_file(smollm2_path)
     assert info.gguf_version == real_reader.fields["GGUF.version"].contents()
@@ -88,6 +89,7 @@ def test_real_model_matches_the_gguf_package(smollm2_path, real_reader):
     assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= info.special_tokens
 
 
+@pytest.mark.slow
 def test_real_model_figures(smollm2_path, real_reader):
     info = read_model_file(smollm2_path)
     assert info.architecture == "llama"
@@ -108,6 +110,7 @@ def test_real_model_figures(smollm2_path, real_reader):
     assert estimate.kv_cache_known
 
 
+@pytest.mark.slow
 def test_real_model_is_read_fast(smollm2_path):
     read_model_file(smollm2_path)  # import gguf's tables once
     timings = []
@@ -144,6 +147,7 @@ def test_text_file_renamed_gguf(tmp_path):
     assert "not a GGUF model file" in error.hint
 
 
+@pytest.mark.slow
 def test_first_megabyte_of_the_real_model(smollm2_path, tmp_path):
     path = tmp_path / "cut.gguf"
     with smollm2_path.open("rb") as source:
@@ -152,6 +156,7 @@ def test_first_megabyte_of_the_real_model(smollm2_path, tmp_path):
     assert "truncated" in error.message and "download it again" in error.hint
 
 
+@pytest.mark.slow
 def test_real_model_cut_inside_its_tensor_data(smollm2_path, tmp_path):
     path = tmp_path / "cut.gguf"
     with smollm2_path.open("rb") as source:
@@ -358,6 +363,7 @@ def test_fuzz_tiny_file(tiny, tmp_path):
     assert tried >= 300, summary
 
 
+@pytest.mark.slow
 def test_fuzz_real_file_header(smollm2_path, real_reader, tmp_path):
     size = smollm2_path.stat().st_size
     with smollm2_path.open("rb") as source:

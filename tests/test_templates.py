@@ -226,6 +226,7 @@ def test_real_templates_render_as_stock_jinja_does(name):
     assert expected.strip()
 
 
+@pytest.mark.slow
 def test_the_real_model_template_renders_as_stock_jinja_does(smollm2_path):
     text = read_model_file(smollm2_path).chat_template
     expected = reference_render(text, messages=MESSAGES, add_generation_prompt=True)

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from localchat.errors import DiskFullError, LocalchatError, ModelFileError, disk_full_error
+from localchat.render import format_bytes
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -161,9 +162,9 @@ class _Hashes:
 def check_space(directory: Path, needed: int, what: str) -> None:
     free = free_bytes(directory)
     if needed > free:
-        raise DiskFullError(f"not enough disk space for {what}: it needs {needed / 1e9:.2f} GB, "
-                              f"{directory} has {free / 1e9:.2f} GB free",
-                              "free some space, or point HF_HUB_CACHE at a bigger disk")
+        raise DiskFullError(f"not enough disk space for {what}: it needs "
+                            f"{format_bytes(needed)}, {directory} has {format_bytes(free)} free",
+                            "free some space, or point HF_HUB_CACHE at a bigger disk")
 
 
 def free_bytes(directory: Path) -> int:
