@@ -36,7 +36,7 @@ app = typer.Typer(
 DEFAULT_MODEL = "smollm2"
 
 
-def _version(value: bool) -> None:
+def _version(context: typer.Context, value: bool) -> None:
     if value:
         from importlib import metadata
 
@@ -46,8 +46,8 @@ def _version(value: bool) -> None:
             binding = metadata.version("llama-cpp-python")
         except metadata.PackageNotFoundError:
             binding = "not installed"
-        typer.echo(f"localchat {__version__}")
-        typer.echo(f"llama-cpp-python {binding} (llama.cpp backend: {compiled_backend()})")
+        print(f"localchat {__version__}\nllama-cpp-python {binding} (llama.cpp backend: "
+              f"{compiled_backend()})", file=_env(context).stdout)
         raise typer.Exit()
 
 
@@ -87,15 +87,10 @@ def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
     path = store.find_local_model(ref)
     if path is not None:
         return path
-    if not store.offline_mode(offline) and env.stdin_isatty and render.stderr_is_terminal(env):
-        try:
-            wanted = typer.confirm(f"{ref.name} is not on disk. Download it now?", default=True,
-                                   err=True)
-        except typer.Abort:  # Ctrl-C or Ctrl-D at the question
-            raise KeyboardInterrupt from None
-        if not wanted:
-            raise LocalchatError(f"{ref.name} is not on disk and was not downloaded",
-                                 f"`localchat pull {ref.name}` fetches it")
+    if not store.offline_mode(offline) and env.stdin_isatty and render.stderr_is_terminal(env) \
+            and not render.confirm(env, f"{ref.name} is not on disk. Download it now?"):
+        raise LocalchatError(f"{ref.name} is not on disk and was not downloaded",
+                             f"`localchat pull {ref.name}` fetches it")
     return _pull(ref, offline, env)
 
 

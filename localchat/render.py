@@ -107,6 +107,25 @@ def print_error(env: Environment, error: LocalchatError) -> None:
     print(message, file=env.stderr)
 
 
+def confirm(env: Environment, question: str) -> bool:
+    """Ask a yes/no question on stderr and read the answer from stdin; Enter means yes.
+
+    Ctrl-C or Ctrl-D (the end of input) at the question is a KeyboardInterrupt.
+    """
+    while True:
+        env.stderr.write(f"{question} [Y/n]: ")
+        env.stderr.flush()
+        answer = env.stdin.readline()
+        if not answer:
+            env.stderr.write("\n")
+            raise KeyboardInterrupt
+        answer = answer.strip().lower()
+        if answer in ("", "y", "yes"):
+            return True
+        if answer in ("n", "no"):
+            return False
+
+
 def print_note(env: Environment, text: str) -> None:
     """An informational line on stderr, dimmed on a terminal."""
     print(_style(env, text, "2"), file=env.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -13,7 +14,8 @@ from cli_runner import CliResult, run_cli
 from gguf_factory import TINY_TEMPLATE, write_tiny_gguf
 from hub_server import HubServer, go_online
 
-from localchat import paths
+from localchat import cli, paths
+from localchat.render import Environment
 
 REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,6 +115,30 @@ def test_offline_with_the_model_missing(empty_hub):
     result = run_cli("run", "tiny", "hi", "--offline")
     one_line_error(result, 1, "not on disk", "offline")
     assert empty_hub.requests == []
+
+
+class Keyboard(io.StringIO):
+    """Typed answers on a terminal: stdin that says it is a tty."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_at_a_terminal_run_asks_before_pulling_and_no_means_no_download(empty_hub, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    env = Environment(stdin=Keyboard("maybe\nn\n"), stdout=io.StringIO(), stderr=Keyboard())
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", "tiny", "hi"], env)
+    assert exited.value.code == 1
+    question = "tiny:q4_1 is not on disk. Download it now? [Y/n]: "
+    assert env.stderr.getvalue() == question * 2 + (  # asked again after an answer it cannot use
+        "error: tiny:q4_1 is not on disk and was not downloaded (`localchat pull tiny:q4_1` "
+        "fetches it)\n")
+    assert empty_hub.requests == [] and env.stdout.getvalue() == ""
+    ended = Environment(stdin=Keyboard(""), stdout=io.StringIO(), stderr=Keyboard())
+    with pytest.raises(SystemExit) as exited:  # Ctrl-D at the question: an interrupt
+        cli.main(["run", "tiny", "hi"], ended)
+    assert exited.value.code == 130 and empty_hub.requests == []
 
 
 def test_bad_names_are_usage_errors():
