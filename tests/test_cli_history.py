@@ -1,4 +1,7 @@
-"""History from the command line, as subprocesses: recording runs, `localchat history`, faults."""
+"""History from the command line: recording runs, `localchat history`, faults.
+
+The command runs in-process (`run_cli`); Ctrl-C and SIGKILL need a real process.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cli_runner import CliResult, run_cli
 
 from localchat import paths
 from localchat.engine.local import EngineOptions
@@ -31,20 +35,13 @@ from localchat.history.records import open_history
 from localchat.oneshot import Request, run_once
 from localchat.render import Environment
 
-pytestmark = pytest.mark.slow
-
 # Greedy and short; one thread, because spinning llama.cpp threads on a busy CPU are very slow.
 RUN = ["--temperature", "0", "--max-tokens", "8", "--threads", "1", "--ctx", "512"]
 KILL_TRIALS = 20
 
 
-def localchat(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localchat", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert result.returncode == code, result.stderr
+def assert_one_line_error(result: CliResult, code: int, *needles: str) -> None:
+    assert result.exit_code == code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for needle in needles:
@@ -74,9 +71,10 @@ def transcripts() -> dict[str, list[dict]]:
 # Recording `localchat run`
 
 
+@pytest.mark.slow
 def test_a_run_records_the_exchange_with_its_counts_and_timings(smollm2_path):
-    result = localchat("run", str(smollm2_path), "Name a fruit.", "--json", *RUN)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("run", str(smollm2_path), "Name a fruit.", "--json", *RUN)
+    assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
     assert stat.S_IMODE(db_file().stat().st_mode) == 0o600
     user, assistant = transcripts()["Name a fruit."]
@@ -87,27 +85,29 @@ def test_a_run_records_the_exchange_with_its_counts_and_timings(smollm2_path):
     assert assistant["timings"]["finish_reason"] == record["finish_reason"]
     assert assistant["timings"]["ttft_s"] > 0 and assistant["interrupted"] is False
 
-    listing = localchat("history")
-    assert listing.returncode == 0, listing.stderr
+    listing = run_cli("history")
+    assert listing.exit_code == 0, listing.stderr
     header, row = listing.stdout.splitlines()
     assert header.split() == ["ID", "NAME", "MODEL", "TURNS", "LAST", "MESSAGE", "UPDATED"]
     assert row.split()[:4] == ["1", "-", smollm2_path.name, "1"]  # a path by its file name
-    shown = localchat("history", "show", "1")
+    shown = run_cli("history", "show", "1")
     assert "user:\nName a fruit.\n" in shown.stdout
     assert f"assistant:\n{record['text'].strip()}" in shown.stdout
 
 
+@pytest.mark.slow
 def test_no_history_flag_and_config_setting_write_nothing(smollm2_path):
-    result = localchat("run", str(smollm2_path), "Say hi.", "--no-history", *RUN)
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    result = run_cli("run", str(smollm2_path), "Say hi.", "--no-history", *RUN)
+    assert result.exit_code == 0 and result.stdout.strip(), result.stderr
     assert not db_file().exists()
     paths.config_dir().mkdir(parents=True)
     paths.config_file().write_text("history = false\n")
-    result = localchat("run", str(smollm2_path), "Say hi.", *RUN)
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    result = run_cli("run", str(smollm2_path), "Say hi.", *RUN)
+    assert result.exit_code == 0 and result.stdout.strip(), result.stderr
     assert not db_file().exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_records_the_partial_reply_as_interrupted(smollm2_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "localchat", "run", str(smollm2_path), "Count to a hundred.",
@@ -124,27 +124,30 @@ def test_an_interrupted_run_records_the_partial_reply_as_interrupted(smollm2_pat
     assert assistant["content"].rstrip("\n") == stdout.rstrip("\n") != ""
 
 
+@pytest.mark.slow
 def test_an_unusable_data_dir_is_one_note_and_the_run_goes_on(smollm2_path):
     paths.data_dir().parent.mkdir(parents=True)
     paths.data_dir().write_text("a file where the data dir should be")
-    result = localchat("run", str(smollm2_path), "Say hi.", *RUN)
-    assert result.returncode == 0 and result.stdout.strip()
+    result = run_cli("run", str(smollm2_path), "Say hi.", *RUN)
+    assert result.exit_code == 0 and result.stdout.strip()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("note: not saved to the history: cannot write the history in")
     assert "--no-history" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_corrupt_history_is_one_note_for_a_run_and_is_left_untouched(smollm2_path):
     db_file().parent.mkdir(parents=True)
     db_file().write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
     before = sha256(db_file())
-    result = localchat("run", str(smollm2_path), "Say hi.", *RUN)
-    assert result.returncode == 0 and result.stdout.strip()
+    result = run_cli("run", str(smollm2_path), "Say hi.", *RUN)
+    assert result.exit_code == 0 and result.stdout.strip()
     assert result.stderr.count("\n") == 1 and "damaged" in result.stderr
     assert sha256(db_file()) == before
 
 
+@pytest.mark.slow
 def test_a_read_only_data_dir_is_one_note_and_the_run_goes_on(smollm2_path, monkeypatch,
                                                               as_unprivileged_user):
     # Under /tmp, not tmp_path, so that `nobody` can reach it; the model is linked in for the
@@ -207,81 +210,81 @@ def two_conversations():
 
 def test_history_lists_recent_conversations_newest_first(two_conversations):
     trip_id, other_id, _ = two_conversations
-    result = localchat("history")
-    assert result.returncode == 0, result.stderr
+    result = run_cli("history")
+    assert result.exit_code == 0, result.stderr
     header, newer, older = result.stdout.splitlines()
     assert header.startswith("ID  NAME")
     assert newer.split()[:4] == [str(other_id), "-", "qwen2.5:1.5b", "1"]
     assert "Hi! How can I help?" in newer
     assert older.split()[:4] == [str(trip_id), "trip-plan", "smollm2", "2"]
     assert "Fado in" in older
-    assert localchat("history", "--limit", "1").stdout.count("\n") == 2
+    assert run_cli("history", "--limit", "1").stdout.count("\n") == 2
 
 
 def test_history_show_prints_the_transcript_by_name_or_id(two_conversations):
     trip_id, _, _ = two_conversations
-    by_name = localchat("history", "show", "trip-plan")
-    assert by_name.returncode == 0, by_name.stderr
+    by_name = run_cli("history", "show", "trip-plan")
+    assert by_name.exit_code == 0, by_name.stderr
     assert by_name.stdout.startswith(f"conversation   trip-plan (id {trip_id})\nmodel          "
                                      "smollm2\n")
     assert "system prompt  Be brief.\n" in by_name.stdout
     assert by_name.stdout.endswith(
         "\nuser:\nPlan a day in Lisbon with sourdough bakeries.\n\nassistant:\nMorning: a bakery "
         "in Alfama.\n\nuser:\nAnd the evening?\n\nassistant: (interrupted)\nFado in\n\n")
-    assert localchat("history", "show", str(trip_id)).stdout == by_name.stdout
+    assert run_cli("history", "show", str(trip_id)).stdout == by_name.stdout
 
 
 def test_history_search_finds_words_in_any_form(two_conversations):
     trip_id, _, _ = two_conversations
-    result = localchat("history", "search", "bakery")  # the message says "bakeries" and "bakery"
-    assert result.returncode == 0, result.stderr
+    result = run_cli("history", "search", "bakery")  # the message says "bakeries" and "bakery"
+    assert result.exit_code == 0, result.stderr
     rows = result.stdout.splitlines()[1:]
     assert len(rows) == 2 and all(row.split()[:2] == [str(trip_id), "trip-plan"] for row in rows)
     assert "bakeries" in result.stdout and "bakery" in result.stdout
     assert "**" not in result.stdout  # emphasis is for a terminal (tests/test_cli_tables.py)
-    none = localchat("history", "search", "sourdough", "tokyo")
-    assert none.returncode == 0 and none.stdout == ""
+    none = run_cli("history", "search", "sourdough", "tokyo")
+    assert none.exit_code == 0 and none.stdout == ""
     assert "nothing in the history matches" in none.stderr
 
 
 def test_history_export_as_markdown_and_json(two_conversations):
-    markdown = localchat("history", "export", "trip-plan")
-    assert markdown.returncode == 0, markdown.stderr
+    markdown = run_cli("history", "export", "trip-plan")
+    assert markdown.exit_code == 0, markdown.stderr
     assert markdown.stdout.startswith("# trip-plan\n\n- model: smollm2\n")
     assert "## Assistant\n\nFado in\n\n*(interrupted)*" in markdown.stdout
-    exported = json.loads(localchat("history", "export", "trip-plan", "--format", "json").stdout)
+    exported = json.loads(run_cli("history", "export", "trip-plan", "--format", "json").stdout)
     assert exported["name"] == "trip-plan" and exported["system_prompt"] == "Be brief."
     assert [m["role"] for m in exported["messages"]] == ["user", "assistant"] * 2
     assert exported["messages"][1]["token_count"] == 9
-    bad = localchat("history", "export", "trip-plan", "--format", "xml")
+    bad = run_cli("history", "export", "trip-plan", "--format", "xml")
     assert_one_line_error(bad, 2, "unknown export format 'xml'")
 
 
 def test_history_rm_deletes_the_conversation_and_its_snapshot(two_conversations):
     _, other_id, snapshot = two_conversations
-    result = localchat("history", "rm", "trip-plan")
-    assert result.returncode == 0, result.stderr
+    result = run_cli("history", "rm", "trip-plan")
+    assert result.exit_code == 0, result.stderr
     assert "removed conversation trip-plan and 1 snapshot file(s)" in result.stderr
     assert not snapshot.exists()
-    assert_one_line_error(localchat("history", "show", "trip-plan"), 1,
+    assert_one_line_error(run_cli("history", "show", "trip-plan"), 1,
                           "no conversation 'trip-plan' in the history")
     assert list(transcripts()) == ["hello"]
-    assert localchat("history", "rm", str(other_id)).returncode == 0
-    assert "no conversations yet" in localchat("history").stderr
+    assert run_cli("history", "rm", str(other_id)).exit_code == 0
+    assert "no conversations yet" in run_cli("history").stderr
 
 
 @pytest.mark.parametrize("command", [["show", "nope"], ["export", "nope"], ["rm", "nope"],
                                      ["show", "42"]])
 def test_an_unknown_conversation_is_a_one_line_error(two_conversations, command):
-    assert_one_line_error(localchat("history", *command), 1, "no conversation",
+    assert_one_line_error(run_cli("history", *command), 1, "no conversation",
                           "localchat history")
 
 
 def test_history_without_a_database_creates_nothing():
-    result = localchat("history")
-    assert result.returncode == 0 and result.stdout == ""
+    result = run_cli("history")
+    assert result.exit_code == 0 and result.stdout == ""
     assert "no conversations yet" in result.stderr
-    assert_one_line_error(localchat("history", "show", "trip-plan"), 1, "no conversation")
+    assert_one_line_error(run_cli("history", "show", "trip-plan"), 1, "no conversation")
     assert not paths.data_dir().exists()
 
 
@@ -290,12 +293,12 @@ def test_a_corrupt_or_newer_database_is_a_clear_error_and_left_untouched(two_con
         raw.execute("PRAGMA user_version = 99")
     raw.close()
     before = sha256(db_file())
-    assert_one_line_error(localchat("history"), 1, "schema version 99", "left untouched")
+    assert_one_line_error(run_cli("history"), 1, "schema version 99", "left untouched")
     assert sha256(db_file()) == before
     db_file().write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
     before = sha256(db_file())
     for command in (["history"], ["history", "show", "1"], ["history", "rm", "1"]):
-        assert_one_line_error(localchat(*command), 1, "damaged", "left untouched")
+        assert_one_line_error(run_cli(*command), 1, "damaged", "left untouched")
     assert sha256(db_file()) == before
 
 
@@ -321,6 +324,7 @@ def kill_trial(model: Path, number: int, delay: float, after_first_token: bool) 
     return {"prompt": prompt, "code": process.returncode, "stdout": (first + rest).decode()}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_damages_the_history_or_loses_a_turn(smollm2_path):
     rng = random.Random(5)
     # Half the kills land anywhere from start-up to the end, half while the reply streams;
