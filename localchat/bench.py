@@ -23,9 +23,11 @@ from typing import Any
 from localchat.engine.local import EngineOptions, LocalEngine, context_hint
 from localchat.engine.protocol import Sampling
 from localchat.errors import UsageError
+from localchat.render import format_bytes
 
 Progress = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
-MB = 1024 * 1024
+MB = 1_000_000  # every *_mb figure: decimal megabytes, as `list`, `show` and disks count them
+KIB, MIB = 1024, 1024 * 1024  # the binary units the kernel reports in
 # Ordinary prose, repeated to the prompt size: real text tokenizes like a user's prompt would.
 FILLER = (
     "The keeper of the lighthouse climbed the stairs each evening, trimmed the wick and watched "
@@ -284,18 +286,18 @@ def weights_read_per_token(info: Any) -> int:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB (VmHWM, else getrusage)."""
+    """This process's peak resident memory in MB (VmHWM, else getrusage)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1]) * KIB / MB  # "kB" there means KiB
     except OSError:
         pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB else
+    return (peak if sys.platform == "darwin" else peak * KIB) / MB  # bytes on macOS, KiB else
 
 
 def resident_fraction(path: Path) -> float | None:
@@ -411,7 +413,7 @@ def last_level_cache_bytes() -> int | None:
             text = entry.read_text(encoding="ascii").strip().upper()
         except OSError:
             continue
-        scale = {"K": 1024, "M": MB}.get(text[-1:], 1)
+        scale = {"K": KIB, "M": MIB}.get(text[-1:], 1)
         if text.rstrip("KM").isdigit():
             sizes.append(int(text.rstrip("KM")) * scale)
     return max(sizes, default=None)
@@ -502,6 +504,10 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
         found = record.get(name)
         return f"{found:,.{digits}f} {unit}" if found is not None else "-"
 
+    def megabytes(name: str) -> str:  # as render.format_bytes writes sizes everywhere else
+        found = record.get(name)
+        return format_bytes(found * MB) if found is not None else "-"
+
     page_cache = record["page_cache"]
     if page_cache is None:
         cold_note = "not measured"
@@ -512,7 +518,7 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
     fraction = record["decode_fraction_of_ceiling"]
     reached = f"decode reaches {fraction:.0%} of it" if fraction is not None else ""
     if reached and (record["cpu_cache_mb"] or 0) >= record["weights_read_per_token_mb"]:
-        reached += (f"; the weights fit in the CPU's {record['cpu_cache_mb']:,.0f} MB cache, "
+        reached += (f"; the weights fit in the CPU's {megabytes('cpu_cache_mb')} cache, "
                     "so decode can beat this DRAM ceiling")
     return [
         (f"prefill ({record['prompt_tokens']} tokens)",
@@ -522,9 +528,8 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("time to first token", value("ttft_s", "s", 3), span("ttft_s", "s", 3)),
         ("load, warm page cache", value("load_s", "s", 3), span("load_s", "s", 3)),
         ("load, cold page cache", value("load_cold_s", "s", 3), cold_note),
-        ("peak resident memory", value("peak_rss_mb", "MB", 0),
-         f"model file {record['model_size_mb']:,.0f} MB + KV cache "
-         f"{record['kv_cache_mb']:,.0f} MB"),
+        ("peak resident memory", megabytes("peak_rss_mb"),
+         f"model file {megabytes('model_size_mb')} + KV cache {megabytes('kv_cache_mb')}"),
         ("memory read bandwidth", value("memory_bandwidth_gb_per_s", "GB/s", 1),
          f"{record['threads']} threads, best of {BANDWIDTH_ROUNDS}"),
         ("decode ceiling from bandwidth", value("decode_ceiling_tokens_per_s", "tok/s", 1),

@@ -6,13 +6,13 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pexpect
 import pytest
+from cli_runner import CliResult, run_cli
 from gguf_factory import write_tiny_gguf
 
 from localchat import bench
@@ -20,21 +20,17 @@ from localchat.engine.loader import load_engine
 from localchat.engine.local import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.models.gguf_reader import read_model_file
+from localchat.render import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-MB = 1024 * 1024
+MB, MIB = 1_000_000, 1024 * 1024
 # The runs below use one thread: these tests time nothing, and on a machine busy with other
 # tests llama.cpp's per-op thread barriers stall whenever one of two threads loses its core
 # (measured here: 3-4x slower with --threads 2 at a load average of 7).
 
 
-def localchat(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localchat", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_usage_error(result: CliResult, *needles: str) -> None:
+    assert result.exit_code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -64,9 +60,9 @@ def native():
 
 @pytest.mark.slow
 def test_json_has_medians_spreads_and_every_run(smollm2_path):
-    result = localchat("bench", str(smollm2_path), "-p", "48", "-n", "8", "--repetitions", "2",
+    result = run_cli("bench", str(smollm2_path), "-p", "48", "-n", "8", "--repetitions", "2",
                        "--threads", "1", "--ctx", "256", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert result.stderr == ""  # no progress bar or llama.cpp log in a pipe
     record = json.loads(result.stdout)
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "load_s",
@@ -95,16 +91,16 @@ def test_json_has_medians_spreads_and_every_run(smollm2_path):
     # The weights are mapped and read, so they are resident; the KV cache is sized from the file
     # (30 layers x 3 KV heads x (64 + 64) x f16 x 256 positions).
     assert record["peak_rss_mb"] > record["model_size_mb"]
-    assert record["kv_cache_mb"] == pytest.approx(30 * 3 * 128 * 2 * 256 / MB, abs=0.1)
+    assert record["kv_cache_mb"] == pytest.approx(30 * 3 * 128 * 2 * 256 / MB, abs=0.1)  # 5.9
     assert record["page_cache"]["method"] in ("fadvise", "none")  # never the whole machine's
     assert len(record["load_average"]) == 3
 
 
 @pytest.mark.slow
 def test_table_on_stdout_in_a_pipe(smollm2_path):
-    result = localchat("bench", str(smollm2_path), "-p", "40", "-n", "4", "--repetitions", "1",
+    result = run_cli("bench", str(smollm2_path), "-p", "40", "-n", "4", "--repetitions", "1",
                        "--ctx", "128", "--threads", "1")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["figure", "median", "spread"]
     assert any(line.startswith("prefill (40 tokens)") and "tok/s" in line for line in lines)
@@ -120,18 +116,18 @@ def test_table_on_stdout_in_a_pipe(smollm2_path):
 ])
 def test_bad_sizes_are_usage_errors_before_loading(args, needles, tmp_path):
     # The model path does not exist: the sizes are refused before anything is loaded.
-    assert_usage_error(localchat("bench", str(tmp_path / "missing.gguf"), *args), *needles)
+    assert_usage_error(run_cli("bench", str(tmp_path / "missing.gguf"), *args), *needles)
 
 
 @pytest.mark.slow
 def test_prompt_larger_than_the_context_says_both_numbers(smollm2_path):
-    result = localchat("bench", str(smollm2_path), "-p", "300", "--ctx", "256")
+    result = run_cli("bench", str(smollm2_path), "-p", "300", "--ctx", "256")
     assert_usage_error(result, "-p 300", "context window of 256 tokens", "--ctx")
 
 
 @pytest.mark.slow
 def test_generation_larger_than_the_context(smollm2_path):
-    result = localchat("bench", str(smollm2_path), "-p", "64", "-n", "300", "--ctx", "256")
+    result = run_cli("bench", str(smollm2_path), "-p", "64", "-n", "300", "--ctx", "256")
     assert_usage_error(result, "-n 300", "context window of 256 tokens")
 
 
@@ -232,7 +228,7 @@ def test_memory_bandwidth_is_a_sane_positive_number():
 
 def test_resident_fraction_sees_a_file_just_written(tmp_path):
     path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(4 * MB))
+    path.write_bytes(os.urandom(4 * MIB))
     fraction = bench.resident_fraction(path)
     if sys.platform.startswith("linux"):
         assert fraction > 0.9
@@ -246,6 +242,31 @@ def test_peak_rss_covers_what_this_process_touched():
     assert bench.peak_rss_mb() >= before
     assert bench.peak_rss_mb() > 64
     del block
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_rss_is_in_decimal_megabytes():
+    status = Path("/proc/self/status").read_text()
+    kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert bench.peak_rss_mb() == pytest.approx(kib * 1024 / 1_000_000, rel=0.01)
+
+
+def test_the_table_gives_sizes_as_list_and_show_do(tmp_path):
+    """The same file, the same size: 98,362,432 bytes is "98.4 MB" in bench as in list and show."""
+    result = bench.BenchResult(
+        settings=bench.BenchSettings(64, 8, 1), model_path=tmp_path / "m.gguf",
+        model_bytes=98_362_432, weights_read_per_token=90_000_000,
+        kv_bytes_per_position=23_040, n_ctx=4096, threads=2, backend="CPU", flash_attn=True,
+        decode_prompt_tokens=10, page_cache=None, bandwidth_gb_per_s=None, cache_bytes=None,
+        load_average=(0.0, 0.0, 0.0), interrupted=False, measurements=(
+            bench.Measurement("load", 0, 0, 0.3, None, cache="warm"),
+            bench.Measurement("prefill", 1, 64, 0.1, 640.0, ttft_s=0.12, peak_rss_mb=299.06),
+            bench.Measurement("decode", 1, 8, 0.1, 70.0, peak_rss_mb=299.06)))
+    record = bench.bench_record(result)
+    assert (record["model_size_mb"], record["kv_cache_mb"]) == (98.4, 94.4)  # 94,371,840 bytes
+    rows = {figure: (median, note) for figure, median, note in bench.summary_rows(record)}
+    assert rows["peak resident memory"] == ("299.1 MB", "model file 98.4 MB + KV cache 94.4 MB")
+    assert format_bytes(98_362_432) == "98.4 MB"  # what `list` and `show` print for that file
 
 
 def test_weights_read_per_token_counts_a_tied_embedding_in_full(tmp_path):
