@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, replace
 
 import pytest
+from cli_runner import run_cli
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
@@ -461,13 +462,8 @@ def test_input_helpers():
     assert clean_text("\ud800") == "?"
 
 
-def test_the_cli_starts_no_chat_with_a_prompt_and_refuses_session_there(smollm2_path,
-                                                                         python_exe):
-    import subprocess
-
-    result = subprocess.run([python_exe, "-m", "localchat", "run", str(smollm2_path), "hi",
-                             "--session", "trip"], stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 2
+def test_the_cli_starts_no_chat_with_a_prompt_and_refuses_session_there(smollm2_path):
+    result = run_cli("run", str(smollm2_path), "hi", "--session", "trip")
+    assert result.exit_code == 2
     assert "--session and --continue are for the interactive chat" in result.stderr
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import subprocess
 import sys
 
 import pexpect
 import pyte
 import pytest
+from cli_runner import run_cli
 from rich.console import Console
 from rich.markdown import Markdown
 
@@ -137,11 +137,8 @@ def test_markdown_session_resume_and_model_switch(smollm2_path):
 
 
 def test_piped_stdin_is_a_one_shot_prompt_not_a_chat(smollm2_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "localchat", "run", str(smollm2_path), *CHAT],
-        input="Say hello.", capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_cli("run", str(smollm2_path), *CHAT, stdin="Say hello.")
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.strip()
     assert ">>>" not in result.stdout and "Ctrl-D" not in result.stderr
 
@@ -178,9 +175,8 @@ def test_deleting_the_open_conversation_elsewhere_is_one_note_and_a_clean_exit(s
     chat.wait(">>>")
     chat.type(f"{QUESTION}\r")
     chat.wait(AFTER_A_REPLY)
-    removed = subprocess.run([sys.executable, "-m", "localchat", "history", "rm", "live"],
-                             capture_output=True, text=True, timeout=60)
-    assert removed.returncode == 0, removed.stderr
+    removed = run_cli("history", "rm", "live")  # from elsewhere: here, in-process
+    assert removed.exit_code == 0, removed.stderr
     chat.type("And of Italy?\r")
     chat.wait(r"conversation live was deleted from the history; this chat goes on as "
               r"conversation #\d+")

@@ -1,5 +1,6 @@
 """`localchat serve` with the real model in a subprocess, driven by the official openai client,
-by raw HTTP, and by `localchat run --endpoint`; greedy answers must equal `localchat run`'s."""
+by raw HTTP, and by `localchat run --endpoint`; greedy answers must equal `localchat run`'s
+(those two run in-process)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 
 import openai
 import pytest
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -99,11 +101,9 @@ def client(server):
 def local_answer(smollm2_path, tmp_path_factory):
     """What `localchat run` prints for PROMPT, greedy: the reference every path must match."""
     home = tmp_path_factory.mktemp("run-home")
-    result = subprocess.run(
-        [sys.executable, "-m", "localchat", "run", str(smollm2_path), PROMPT,
-         "--temperature", "0", "--max-tokens", "40", *THREADS],
-        input="", capture_output=True, text=True, timeout=180, env=_environment(home))
-    assert result.returncode == 0, result.stderr
+    result = run_cli("run", str(smollm2_path), PROMPT, "--temperature", "0", "--max-tokens", "40",
+                     *THREADS, env={"LOCALCHAT_HOME": str(home), "HF_HOME": str(home / "hf")})
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.strip()
     return result.stdout
 
@@ -156,28 +156,23 @@ def test_greedy_chat_streamed_and_not_equals_localchat_run(client, local_answer)
 
 @pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
 def test_a_strong_penalty_changes_the_greedy_reply_through_the_api_and_run_alike(
-        client, local_answer, smollm2_path, tmp_path, penalty):
+        client, local_answer, smollm2_path, penalty):
     reply = client.chat.completions.create(
         model=MODEL_ID, messages=[{"role": "user", "content": PROMPT}], temperature=0,
         max_tokens=40, **{penalty: 2.0})
     text = reply.choices[0].message.content
     assert text + "\n" != local_answer  # the reply repeats itself; the penalty breaks that
     flag = "--" + penalty.replace("_", "-")
-    result = subprocess.run(
-        [sys.executable, "-m", "localchat", "run", str(smollm2_path), PROMPT, "--temperature",
-         "0", "--max-tokens", "40", flag, "2", *THREADS],
-        input="", capture_output=True, text=True, timeout=180, env=_environment(tmp_path))
-    assert result.returncode == 0, result.stderr
+    result = run_cli("run", str(smollm2_path), PROMPT, "--temperature", "0", "--max-tokens",
+                     "40", flag, "2", *THREADS)
+    assert result.exit_code == 0, result.stderr
     assert result.stdout == text + "\n"
 
 
-def test_run_with_endpoint_equals_localchat_run(server, local_answer, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "localchat", "run", "--endpoint", server.url, MODEL_ID, PROMPT,
-         "--temperature", "0", "--max-tokens", "40"],
-        input="", capture_output=True, text=True, timeout=180,
-        env={**_environment(tmp_path), "LOCALCHAT_API_KEY": KEY})
-    assert result.returncode == 0, result.stderr
+def test_run_with_endpoint_equals_localchat_run(server, local_answer):
+    result = run_cli("run", "--endpoint", server.url, MODEL_ID, PROMPT, "--temperature", "0",
+                     "--max-tokens", "40", env={"LOCALCHAT_API_KEY": KEY})
+    assert result.exit_code == 0, result.stderr
     assert result.stdout == local_answer
 
 

@@ -1,18 +1,18 @@
 """Chat templates are a stranger's code: choosing them, and rendering them in a bounded sandbox.
 
 The unit tests feed hostile templates straight to `templates.render`; the end-to-end tests put
-them inside a copy of the real SmolLM2 file and run `localchat` on it, as a user would.
+them inside a copy of the real SmolLM2 file and run `localchat` on it (in-process), as a user
+would.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_runner import CliResult, run_cli
+from gguf_factory import with_string_value
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from localchat.engine import template_sandbox
@@ -25,7 +25,6 @@ from localchat.engine.templates import (
 )
 from localchat.errors import EngineError, UsageError
 from localchat.models.gguf_reader import read_model_file
-from tests.gguf_factory import with_string_value
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -278,11 +277,6 @@ def test_override_names_are_checked():
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\u202e"
 
 
-def localchat(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localchat", *args], input="",
-                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
 @pytest.fixture(scope="module")
 def hostile_models(smollm2_path, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("hostile-templates")
@@ -298,8 +292,8 @@ def hostile_models(smollm2_path, tmp_path_factory) -> dict[str, Path]:
             for name, text in templates.items()}
 
 
-def assert_refused(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 1, result.stderr
+def assert_refused(result: CliResult, *needles: str) -> None:
+    assert result.exit_code == 1, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -310,14 +304,14 @@ def assert_refused(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 @pytest.mark.slow
 def test_a_template_that_reaches_for_os_is_stopped(hostile_models):
-    result = localchat("run", str(hostile_models["probe"]), "hi", "--max-tokens", "4")
+    result = run_cli("run", str(hostile_models["probe"]), "hi", "--max-tokens", "4")
     assert_refused(result, "tried something unsafe", "--chat-format")
     assert not (hostile_models["probe"].parent / "owned").exists()
 
 
 @pytest.mark.slow
 def test_a_template_that_reads_files_is_stopped(hostile_models):
-    result = localchat("run", str(hostile_models["reads"]), "hi", "--max-tokens", "4")
+    result = run_cli("run", str(hostile_models["reads"]), "hi", "--max-tokens", "4")
     assert_refused(result, "failed")
     assert "root:" not in result.stderr
 
@@ -325,29 +319,29 @@ def test_a_template_that_reads_files_is_stopped(hostile_models):
 @pytest.mark.slow
 def test_a_template_bomb_is_stopped_quickly(hostile_models):
     started = time.monotonic()
-    result = localchat("run", str(hostile_models["bomb"]), "hi", "--max-tokens", "4")
+    result = run_cli("run", str(hostile_models["bomb"]), "hi", "--max-tokens", "4")
     assert_refused(result, "was stopped", "range items")
     assert time.monotonic() - started < 60
 
 
 @pytest.mark.slow
 def test_a_template_that_does_not_parse_fails_at_load(hostile_models):
-    result = localchat("run", str(hostile_models["broken"]), "hi", "--max-tokens", "4", "--json")
+    result = run_cli("run", str(hostile_models["broken"]), "hi", "--max-tokens", "4", "--json")
     assert_refused(result, "does not parse")
 
 
 @pytest.mark.slow
 def test_a_built_in_format_gets_past_a_hostile_template(hostile_models):
-    result = localchat("run", str(hostile_models["probe"]), "Say hi.", "--chat-format", "chatml",
+    result = run_cli("run", str(hostile_models["probe"]), "Say hi.", "--chat-format", "chatml",
                        "--temperature", "0", "--max-tokens", "8", "--no-history")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert result.stdout.strip()
 
 
 @pytest.mark.slow
 def test_show_prints_a_hostile_template_without_running_it_or_its_escapes(hostile_models):
-    result = localchat("show", str(hostile_models["probe"]))
-    assert result.returncode == 0, result.stderr
+    result = run_cli("show", str(hostile_models["probe"]))
+    assert result.exit_code == 0, result.stderr
     assert "os.system" in result.stdout  # shown as text, for the user to judge
     assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
     assert "\\x1b]0;pwned\\x07" in result.stdout and "\\u202e" in result.stdout
