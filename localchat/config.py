@@ -34,16 +34,6 @@ _OWN_KEYS: dict[str, tuple[type, str]] = {
     "model": (str, "text"), "snapshot_cap_mb": (int, "an integer"),
 }
 
-EXAMPLE = """\
-# localchat defaults; command-line flags override these.
-# model = "smollm2"
-# temperature = 0.7
-# ctx = 4096
-# threads = 4
-# markdown = true
-"""
-
-
 def known_keys() -> list[str]:
     """Every top-level key config.toml takes, in the order the README lists them."""
     return ["model", *(s.name for s in settings.SETTINGS if s.config), "snapshot_cap_mb",

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localchat import cli  # noqa: E402
-from tests.gguf_factory import malformed_variants  # noqa: E402
+from localchat import cli
+from tests.gguf_factory import malformed_variants
 
 TIMEOUT_S = 30.0
 
@@ -73,7 +73,7 @@ def run_child(argv: list[str], out: Path, err: Path) -> tuple[int | None, int | 
             cli.main(argv)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
-        except BaseException:  # noqa: BLE001 - shown like the interpreter would, then exit
+        except BaseException:  # shown like the interpreter would, then exit
             import traceback
 
             traceback.print_exc()

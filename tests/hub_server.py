@@ -146,13 +146,13 @@ class _Handler(BaseHTTPRequestHandler):
     hub: HubServer
     role: str
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+    def do_HEAD(self) -> None:
         self._route(head=True)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._route(head=False)
 
     def _route(self, head: bool) -> None:

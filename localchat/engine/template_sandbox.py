@@ -156,7 +156,7 @@ class GuardedSandbox(ImmutableSandboxedEnvironment):
             _check_format(value.__self__, f"{value.__name__}()")
         return wrapped
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         name = getattr(__obj, "__name__", type(__obj).__name__)
         _check_arguments(f"{name}()", args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)

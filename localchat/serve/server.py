@@ -155,13 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "localchat"
     timeout = IDLE_TIMEOUT_S
 
-    def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._dispatch("PUT")
 
     do_DELETE = do_PATCH = do_PUT
@@ -169,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Silence http.server's access line: each request logs one line of its own."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Protocol-level faults http.server reports (a garbled request line, a timeout)."""
         self.server.log(f"{self.client_address[0]} {format % args}")
 
