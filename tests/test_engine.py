@@ -6,7 +6,7 @@ import pytest
 
 from localchat.engine.local import EngineOptions, LocalEngine
 from localchat.engine.protocol import Sampling
-from localchat.engine.runtime import physical_core_count
+from localchat.engine.runtime import compiled_backend, physical_core_count
 from localchat.errors import ContextOverflowError, UsageError
 from localchat.models.gguf_reader import read_model_file
 
@@ -37,7 +37,10 @@ def test_load_info_describes_what_was_loaded(engine, smollm2_path):
     assert info.n_ctx == 1024
     assert info.n_ctx_train == 8192
     assert info.threads == physical_core_count()
-    assert info.backend == "CPU"
+    from llama_cpp import llama_supports_gpu_offload
+
+    # this build's backend when it offloads (the default), else the CPU: never one named here
+    assert info.backend == (compiled_backend() if llama_supports_gpu_offload() else "CPU")
     assert info.chat_format == "embedded"  # SmolLM2 carries its own template
     assert info.load_s > 0
 
