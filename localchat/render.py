@@ -148,6 +148,8 @@ def format_stats(load: Any, stats: Any) -> str:
         f"reply {stats.completion_tokens} tok, decode {format_rate(stats.decode_tokens_per_s)}",
         f"finish {stats.finish_reason}",
     ]
+    if stats.tokens_estimated:
+        parts.append("token counts estimated (the server sent none)")
     return " · ".join(parts)
 
 
@@ -160,6 +162,7 @@ def stats_record(text: str, load: Any, stats: Any, model: str) -> dict[str, Any]
         "prompt_tokens": stats.prompt_tokens,
         "cached_prompt_tokens": stats.cached_tokens,
         "completion_tokens": stats.completion_tokens,
+        "tokens_estimated": stats.tokens_estimated,  # True only when a server sent no usage
         "load_s": round(load.load_s, 4) if load is not None else None,
         "ttft_s": round(stats.ttft_s, 4),
         "prefill_s": round(stats.prefill_s, 4),

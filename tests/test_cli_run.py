@@ -97,6 +97,7 @@ def test_json_is_one_object_whose_counts_match(smollm2_path):
     assert record["completion_tokens"] >= len(record["text"].split())  # words >= 1 token each
     assert record["prompt_tokens"] > 0 and record["load_s"] > 0 and record["ttft_s"] > 0
     assert record["backend"] == compiled_backend() and record["backend"] in BACKENDS
+    assert record["tokens_estimated"] is False  # counted by llama.cpp
 
 
 @pytest.mark.slow

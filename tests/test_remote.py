@@ -151,6 +151,7 @@ def test_streams_the_reply_and_takes_counts_from_usage(fake_server, monkeypatch)
     assert pieces == ["Hel", "lo"]
     stats = engine.last_stats
     assert (stats.prompt_tokens, stats.cached_tokens, stats.completion_tokens) == (7, 3, 2)
+    assert not stats.tokens_estimated
     assert stats.finish_reason == "stop"
     assert stats.ttft_s > 0 and stats.decode_s >= 0
     sent = server.requests[-1]
@@ -179,6 +180,7 @@ def test_sampling_beyond_openai_goes_under_both_servers_names(fake_server):
     # without usage the counts fall back to what we saw and estimated
     assert engine.last_stats.completion_tokens == 1
     assert engine.last_stats.prompt_tokens == engine.count_tokens(HELLO)
+    assert engine.last_stats.tokens_estimated  # and say so
     assert engine.last_stats.finish_reason == "length"
 
 
@@ -362,6 +364,7 @@ def test_run_endpoint_prints_the_reply_and_json_counts(fake_server, isolated_hom
     assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3)
     assert record["finish_reason"] == "stop" and record["n_ctx"] == 2048
     assert record["threads"] is None  # the server's business, not 0
+    assert record["tokens_estimated"] is False  # the server's own usage
     for result in (plain, as_json):
         assert "top-secret-value" not in result.stdout + result.stderr
     files = [path for path in isolated_home.rglob("*") if path.is_file()]
@@ -378,6 +381,19 @@ def test_run_stop_reads_the_escapes_a_shell_passes_through(fake_server):
                      "--stop", r"tab\there", "--stop", r"a\\n")
     assert result.exit_code == 0, result.stderr
     assert server.requests[-1]["body"]["stop"] == ["\n\n", "tab\there", "a\\n"]
+
+
+def test_run_endpoint_marks_counts_it_had_to_estimate(fake_server):
+    server = fake_server({  # a server that sends no usage at all
+        ("GET", "/v1/models"): models({"id": "m"}),
+        ("POST", "/v1/chat/completions"): sse(delta("Hello"), delta(" there"),
+                                              delta(finish="stop")),
+    })
+    record = json.loads(run_cli("run", "--endpoint", server.url, "m", "hi there", "--json").stdout)
+    assert record["tokens_estimated"] is True
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (9, 2)  # 3+4+ceil(8/4); pieces
+    verbose = run_cli("run", "--endpoint", server.url, "m", "hi there", "--verbose")
+    assert "token counts estimated (the server sent none)" in verbose.stderr
 
 
 def test_run_endpoint_faults_are_one_line_errors(fake_server):

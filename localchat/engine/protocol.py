@@ -57,6 +57,7 @@ class GenerationStats:
     decode_s: float  # from the first generated token to the last
     # stop | length (max_tokens) | context (the window is full) | interrupted
     finish_reason: str
+    tokens_estimated: bool = False  # a remote server sent no usage: the counts are our estimate
 
     @property
     def prefill_tokens(self) -> int:

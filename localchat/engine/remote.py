@@ -114,6 +114,8 @@ class _Progress:
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         ttft = (self.first_at - self.started) if self.first_at else 0.0
+        counted = all(_count(usage.get(name), -1) >= 0
+                      for name in ("prompt_tokens", "completion_tokens"))
         return GenerationStats(
             prompt_tokens=_count(usage.get("prompt_tokens"), estimated_prompt_tokens),
             cached_tokens=_count(cached, 0),
@@ -122,6 +124,7 @@ class _Progress:
             prefill_s=ttft,  # the server's prefill and the network, as seen from here
             decode_s=(self.last_at - self.first_at) if self.first_at and self.last_at else 0.0,
             finish_reason=self.finish_reason or "interrupted",
+            tokens_estimated=not counted,  # ~4 characters a prompt token, a piece a reply token
         )
 
 
