@@ -679,6 +679,16 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
                                                             "free some space, then try again")
         print_error(env, full or LocalchatError(str(exc), "run with --debug for the traceback"))
         code = ExitStatus.ERROR
+    except Exception as exc:  # a bug: one line, not a traceback, unless asked for
+        if debug:
+            raise
+        from localchat.render import print_error
+
+        detail = " ".join(str(exc).split())
+        print_error(env, LocalchatError(
+            f"unexpected {type(exc).__name__}" + (f": {detail}" if detail else ""),
+            "a bug: run with --debug for the traceback"))
+        code = ExitStatus.ERROR
     sys.exit(int(code))
 
 

@@ -291,6 +291,23 @@ def test_debug_lets_the_error_through_with_its_traceback(tmp_path):
         run_cli("--debug", "run", str(tmp_path / "nope.gguf"), "hi")
 
 
+def test_an_unexpected_exception_is_one_line_and_exit_1(monkeypatch):
+    from localchat.models import store
+
+    def broken(*args, **kwargs):
+        raise KeyError("pointerSize")
+
+    monkeypatch.setattr(store, "list_local_models", broken)
+    result = run_cli("list")
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == ("error: unexpected KeyError: 'pointerSize' (a bug: run with --debug "
+                             "for the traceback)\n")
+    with pytest.raises(KeyError):  # --debug (or LOCALCHAT_DEBUG) lets it through, traceback and all
+        run_cli("--debug", "list")
+    with pytest.raises(KeyError):
+        run_cli("list", env={"LOCALCHAT_DEBUG": "1"})
+
+
 def test_commands_write_only_to_the_environment_they_are_given(tmp_path):
     """Output goes to the Environment's streams, never to sys.stdout or sys.stderr directly."""
     for argv in (["--version"], ["list"], ["history"], ["run", str(tmp_path / "nope.gguf"), "hi"],

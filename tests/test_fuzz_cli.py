@@ -53,6 +53,7 @@ def check(records: list[dict], name: str) -> str:
         if record["code"] == 1:
             lines = record["stderr"].strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), f"{where}: {lines}"
+            assert "(a bug: " not in lines[0], f"{where}: reached the CLI's catch-all: {lines}"
             assert record["stdout"] == "", where
         elif record["command"] == "show":
             assert record["stdout"].startswith("name "), where
