@@ -14,7 +14,7 @@ X-Error-Code header the client turns into RepositoryNotFoundError and friends.
 
 Every request is recorded. Faults on demand: drop the connection at a byte offset (`drop_at`,
 `drops`), corrupt one byte (`corrupt`), ignore Range headers (`ignore_range`), slow down
-(`chunk_delay_s`).
+(`chunk_delay_s`), answer like a broken mirror (`malformed`, one of MALFORMED).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ from typing import BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 CHUNK = 1 << 20
+MALFORMED = {
+    "lfs-fields": "model info whose LFS entries lack pointerSize",
+    "siblings": "model info whose file list is an object, not a list",
+    "not-json": "model info that is not JSON",
+}
 _SHA_CACHE: dict[Path, tuple[int, str]] = {}  # the 98 MB test model is hashed once per session
 
 
@@ -70,6 +75,7 @@ class HubServer:
     corrupt: bool = False  # flip one byte in the middle of every file served
     ignore_range: bool = False  # answer 200 with the whole file even when asked for a range
     chunk_delay_s: float = 0.0  # pause after each MiB sent
+    malformed: str | None = None  # a key of MALFORMED: answer like a broken hub mirror
     requests: list[Request] = field(default_factory=list)
     repos: dict[str, dict[str, RepoFile]] = field(default_factory=dict)
     _servers: dict[str, ThreadingHTTPServer] = field(default_factory=dict)
@@ -199,10 +205,18 @@ class _Handler(BaseHTTPRequestHandler):
                         if f.lfs else {})} for f in listed]
             return self._json(body, repo)
         blobs = query.get("blobs") in ("true", "True", "1")
+        broken = self.hub.malformed
         siblings = [{"rfilename": f.path,
                      **({"size": f.size, "blobId": f.git_oid} if blobs else {}),
                      **({"lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 134}}
                         if blobs and f.lfs else {})} for f in files.values()]
+        if broken == "lfs-fields":
+            for sibling in siblings:
+                sibling.get("lfs", {}).pop("pointerSize", None)
+        if broken == "siblings":
+            siblings = {f["rfilename"]: f for f in siblings}
+        if broken == "not-json":
+            return self._raw(b"<html>Welcome to our mirror</html>", "text/html", repo)
         self._json({"_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
                     "author": repo.split("/")[0], "sha": self.hub.commit(repo), "private": False,
                     "disabled": False, "gated": False, "downloads": 0, "likes": 0,
@@ -271,9 +285,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _json(self, body: object, repo: str) -> None:
-        data = json.dumps(body).encode()
+        self._raw(json.dumps(body).encode(), "application/json", repo)
+
+    def _raw(self, data: bytes, content_type: str, repo: str) -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Repo-Commit", self.hub.commit(repo))
         self.end_headers()

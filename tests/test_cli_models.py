@@ -141,6 +141,15 @@ def test_at_a_terminal_run_asks_before_pulling_and_no_means_no_download(empty_hu
     assert exited.value.code == 130 and empty_hub.requests == []
 
 
+def test_a_mirror_with_a_malformed_answer_is_one_line_naming_it(empty_hub):
+    empty_hub.add_file("test-org/Other-GGUF", "Other-Q4_K_M.gguf", b"GGUF other")
+    empty_hub.malformed = "lfs-fields"  # what a broken HF_ENDPOINT mirror might send
+    result = run_cli("pull", "test-org/Other-GGUF:Q4_K_M")  # not in the catalog: model info
+    one_line_error(result, 1, f"{empty_hub.endpoint} sent a malformed answer for "
+                   "test-org/Other-GGUF", "'pointerSize'", "HF_ENDPOINT")
+    assert empty_hub.file_downloads() == []
+
+
 def test_bad_names_are_usage_errors():
     one_line_error(run_cli("pull", "../../etc/passwd"), 2)
     one_line_error(run_cli("pull", "/abs/model.gguf"), 2, "path")

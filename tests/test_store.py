@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hub_server import HubServer, dead_endpoint, go_online, sha256_of
+from hub_server import MALFORMED, HubServer, dead_endpoint, go_online, sha256_of
 
 from localchat import paths
 from localchat.errors import LocalchatError, ModelFileError, UsageError
@@ -261,6 +261,23 @@ def test_unpinned_hub_files_are_checked_against_the_hubs_own_ids(hub, quant, che
     hub.corrupt = False
     path = pull(f"{MULTI}:{quant}")
     assert path.read_bytes() == MULTI_FILES[f"Multi-{quant}.gguf"]
+
+
+@pytest.mark.parametrize(("broken", "name", "detail"), [
+    ("lfs-fields", f"{MULTI}:Q8_0", "no 'pointerSize' field"),
+    ("siblings", f"{MULTI}:Q8_0", "TypeError"),
+    ("not-json", f"{MULTI}:Q8_0", "JSONDecodeError"),
+], ids=list(MALFORMED))
+def test_a_malformed_hub_answer_is_a_one_line_error_naming_the_endpoint(hub, broken, name,
+                                                                         detail):
+    hub.malformed = broken
+    with pytest.raises(LocalchatError) as caught:
+        pull(name)
+    error = caught.value
+    assert type(error) is LocalchatError and "\n" not in str(error)
+    assert error.message.startswith(f"{hub.endpoint} sent a malformed answer for ")
+    assert detail in error.message and "HF_ENDPOINT" in error.hint
+    assert not hub.file_downloads()
 
 
 def test_a_catalog_pin_the_hub_disagrees_with_stops_before_downloading(hub):

@@ -223,12 +223,15 @@ def _pull_from_hub(ref: ModelRef, progress: Progress, status: Status) -> Path:
     else:
         info = _ask_hub(lambda: hub.HfApi(endpoint=endpoint).model_info(
             ref.repo, revision="main", files_metadata=True), ref.repo)
-        siblings = {s.rfilename: s for s in info.siblings or []}
-        filename = select_gguf(siblings, ref.quant, ref.repo)
-        if not is_safe_filename(filename):
-            raise LocalchatError(f"{ref.repo} lists an unsafe file name {filename!r}; refusing it")
-        lfs = siblings[filename].lfs
-        revision, pinned, listed_sha = info.sha or "main", None, lfs.sha256 if lfs else None
+        with _hub_answer(ref.repo):
+            siblings = {_text(s.rfilename, "rfilename"): s for s in info.siblings or []}
+            filename = select_gguf(siblings, ref.quant, ref.repo)
+            if not is_safe_filename(filename):
+                raise LocalchatError(f"{ref.repo} lists an unsafe file name {filename!r}; "
+                                     "refusing it")
+            lfs = siblings[filename].lfs
+            revision, pinned = _text(info.sha or "main", "sha"), None
+            listed_sha = _text(lfs.sha256, "lfs.sha256") if lfs else None
     url = hub.hf_hub_url(ref.repo, filename, revision=revision, endpoint=endpoint)
     meta = _ask_hub(lambda: hub.get_hf_file_metadata(url, endpoint=endpoint), ref.repo, filename)
     if not meta.commit_hash or not meta.etag:
@@ -283,6 +286,32 @@ def _ask_hub(call: Callable[[], Any], repo: str, filename: str | None = None) ->
         raise LocalchatError(f"cannot reach the Hugging Face hub at {_endpoint()} ({exc})",
                              "check the network, proxy or HF_ENDPOINT; models on disk still run"
                              ) from exc
+    except errors.HFValidationError:
+        raise  # our own request was wrong, not the hub's answer: a bug here
+    except (KeyError, TypeError, ValueError, AttributeError, errors.FileMetadataError) as exc:
+        raise _malformed(what, exc) from exc
+
+
+@contextmanager
+def _hub_answer(what: str) -> Iterator[None]:
+    """Reading fields of what the hub sent: a missing or mistyped one is a one-line hub error."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _malformed(what, exc) from exc
+
+
+def _malformed(what: str, exc: Exception) -> LocalchatError:
+    detail = (f"no {exc.args[0]!r} field" if isinstance(exc, KeyError) and exc.args
+              else " ".join(f"{type(exc).__name__}: {exc}".split()))
+    return LocalchatError(f"{_endpoint()} sent a malformed answer for {what} ({detail})",
+                          "HF_ENDPOINT must be a Hugging Face hub or a faithful mirror of one")
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{field} is {type(value).__name__}, not text")
+    return value
 
 
 @contextmanager
