@@ -230,9 +230,11 @@ def run(
     from localchat.chat.repl import run_repl
     from localchat.chat.session import ReplOptions
 
+    cap = {} if config.snapshot_cap_mb is None else {
+        "snapshot_cap_bytes": config.snapshot_cap_mb * 1_000_000}  # MB, as sizes are everywhere
     raise typer.Exit(run_repl(request, env, ReplOptions(
         markdown=values["markdown"], session=session, resume_last=continue_last,
-        load_model=load_model)))
+        load_model=load_model, **cap)))
 
 
 def _is_prompt(argument: str) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
 from localchat.errors import LocalchatError, UsageError
 from localchat.history.records import ConversationNotFound
+from localchat.history.snapshots import DEFAULT_CAP_BYTES
 from localchat.render import Environment, PlainStream, format_rate, print_note, terminal_safe
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class ReplOptions:
     session: str | None = None  # --session NAME: create or resume this named conversation
     resume_last: bool = False  # --continue
     load_model: ModelLoader | None = None  # None: /model cannot switch (e.g. a remote server)
+    snapshot_cap_bytes: int = DEFAULT_CAP_BYTES  # config.toml's snapshot_cap_mb: all snapshots
 
 
 class ChatSession:
@@ -227,7 +229,8 @@ class ChatSession:
             return
         from localchat.history.snapshots import save_snapshot
 
-        self._verbose_note(save_snapshot(self.engine, self.store, self.record.id).note)
+        self._verbose_note(save_snapshot(self.engine, self.store, self.record.id,
+                                         cap_bytes=self.options.snapshot_cap_bytes).note)
         self.cache_is_current = False
 
     def start_new(self) -> None:
