@@ -553,6 +553,7 @@ def expected_content(trial: int, index: int) -> str:
     return f"trial {trial} message {index} " + "word " * (index % 40)
 
 
+@pytest.mark.slow  # no model, but 20 processes killed one by one: several seconds
 def test_sigkill_at_random_moments_never_loses_a_committed_message_or_corrupts(tmp_path):
     db = tmp_path / "history.db"
     seed = int.from_bytes(os.urandom(4), "big")

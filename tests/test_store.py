@@ -399,7 +399,7 @@ def package_index(tmp_path, monkeypatch):
         f'<a href="../../files/{wheel.name}">{wheel.name}</a>')
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")  # leave the user's pip cache alone
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
