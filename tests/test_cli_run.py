@@ -103,7 +103,7 @@ def test_json_is_one_object_whose_counts_match(smollm2_path):
 @pytest.mark.slow
 def test_json_counts_every_generated_token(smollm2_path):
     result = run_cli("run", str(smollm2_path), "hi", "--json", "--ignore-eos",
-                     "--max-tokens", "40", "--temperature", "0")
+                     "--max-tokens", "40", "--temperature", "0", "--threads", "1")
     record = json.loads(result.stdout)
     assert record["completion_tokens"] == 40
     assert record["finish_reason"] == "length"
@@ -175,7 +175,7 @@ def test_stop_reads_escapes_so_the_readme_example_stops_at_a_blank_line(smollm2_
 
 @pytest.mark.slow
 def test_config_file_sets_defaults_and_flags_override(smollm2_path, isolated_home):
-    write_config(isolated_home, "temperature = 0.0\nmax_tokens = 5\nctx = 512\n")
+    write_config(isolated_home, "temperature = 0.0\nmax_tokens = 5\nctx = 512\nthreads = 1\n")
     capped = json.loads(run_cli("run", str(smollm2_path), "Tell me a story.", "--json",
                                 "--ignore-eos").stdout)
     assert capped["completion_tokens"] == 5 and capped["n_ctx"] == 512
