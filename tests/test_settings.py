@@ -116,8 +116,9 @@ def toml(value: Any) -> str:
 # ---- what the commands would have done -----------------------------------------------------
 
 
-class Captured(Exception):
-    """Raised by the stand-in for bench's measurement, to stop there."""
+class Captured(BaseException):
+    """Raised by the stand-in for bench's measurement, to stop there (a BaseException, so the
+    CLI's one-line handler for unexpected exceptions lets it through)."""
 
 
 @pytest.fixture
