@@ -1,20 +1,21 @@
 """`localchat history` and `list` as a person sees them at a terminal, and as scripts get them.
 
-No model is loaded: the history is written directly, and the commands run as subprocesses, in a
-pseudo-terminal (pexpect) or a pipe. Stored text came from people and models, so control
-characters must not reach the terminal; tables fit the terminal; pipes get the exact text.
+No model is loaded: the history is written directly, and the commands run in a pseudo-terminal
+(pexpect, a real process) or in-process with pipes for streams (`run_cli`). Stored text came from
+people and models, so control characters must not reach the terminal; tables fit the terminal;
+pipes get the exact text.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pexpect
 import pyte
 import pytest
+from cli_runner import CliResult, run_cli
 from gguf_factory import write_tiny_gguf
 
 from localchat import paths
@@ -48,9 +49,9 @@ def seen(output: str, columns: int = WIDTH) -> list[str]:
     return rows
 
 
-def in_a_pipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "localchat", *args], capture_output=True,
-                          text=True, timeout=60)
+def in_a_pipe(*args: str) -> CliResult:
+    """`localchat ARGS` with stdout and stderr that are not a terminal, in-process."""
+    return run_cli(*args)
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_history_says_when_the_history_is_off(hostile_history):
     paths.config_dir().mkdir(parents=True)
     paths.config_file().write_text("history = false\n")
     result = in_a_pipe("history")
-    assert result.returncode == 0
+    assert result.exit_code == 0
     assert result.stderr.startswith("the history is off (history = false in ")
     assert "SmolLM2-135M.Q4_1.gguf" in result.stdout  # what was saved before is still listed
     (paths.data_dir() / "history.db").unlink()
