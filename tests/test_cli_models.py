@@ -102,11 +102,11 @@ def test_pull_list_show_rm_round_trip(hub):
 
 @pytest.mark.slow
 def test_run_pulls_a_missing_model_then_runs_offline(hub):
-    first = run_cli("run", "tiny", "hi", "--max-tokens", "8", "--json")
+    first = run_cli("run", "tiny", "hi", "--max-tokens", "8", "--threads", "1", "--json")
     assert first.exit_code == 0, first.stderr
     assert json.loads(first.stdout)["model"] == "tiny:q4_1"
     hub.close()  # the hub is gone: a model on disk needs no network
-    second = run_cli("run", "tiny", "hi", "--max-tokens", "8", "--json")
+    second = run_cli("run", "tiny", "hi", "--max-tokens", "8", "--threads", "1", "--json")
     assert second.exit_code == 0, second.stderr
     assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]  # catalog temp 0
 
