@@ -14,7 +14,8 @@ X-Error-Code header the client turns into RepositoryNotFoundError and friends.
 
 Every request is recorded. Faults on demand: drop the connection at a byte offset (`drop_at`,
 `drops`), corrupt one byte (`corrupt`), ignore Range headers (`ignore_range`), slow down
-(`chunk_delay_s`), answer like a broken mirror (`malformed`, one of MALFORMED).
+(`chunk_delay_s`), pause mid-file until told (`hold`), answer like a broken mirror (`malformed`,
+one of MALFORMED).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class HubServer:
     corrupt: bool = False  # flip one byte in the middle of every file served
     ignore_range: bool = False  # answer 200 with the whole file even when asked for a range
     chunk_delay_s: float = 0.0  # pause after each MiB sent
+    hold: threading.Event | None = None  # a download pauses after its first MiB until this is set
     malformed: str | None = None  # a key of MALFORMED: answer like a broken hub mirror
     requests: list[Request] = field(default_factory=list)
     repos: dict[str, dict[str, RepoFile]] = field(default_factory=dict)
@@ -276,6 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.hub.corrupt and 0 <= middle < len(chunk):
                     chunk[middle] ^= 0xFF
                 self.wfile.write(chunk)
+                if self.hub.hold is not None and position == start:
+                    self.wfile.flush()
+                    self.hub.hold.wait(60)
                 position += len(chunk)
                 if self.hub.chunk_delay_s:
                     time.sleep(self.hub.chunk_delay_s)

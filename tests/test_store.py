@@ -318,25 +318,29 @@ def test_an_unreachable_hub_without_a_mirror_is_a_clear_error(online):
 
 
 def test_two_processes_pulling_at_once_end_with_one_good_file(hub, python_exe):
-    hub.chunk_delay_s = 0.5  # two seconds per download: the second pull starts mid-download
+    # The first download stops after its first MiB until the second pull says it is waiting on
+    # the lock: no timing to guess, however slowly a busy machine starts the second process.
+    hub.hold = threading.Event()
     script = ("from localchat.models import catalog, store; "
               "print(store.pull_model(catalog.resolve_model('tiny'), status=print))")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
 
     def start() -> subprocess.Popen:
-        return subprocess.Popen([python_exe, "-c", script], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen([python_exe, "-u", "-c", script], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     first = start()
     deadline = time.monotonic() + 60
     while not hub.file_downloads() and time.monotonic() < deadline:
         time.sleep(0.05)  # start the second pull once the first is mid-download
     second = start()
+    said = second.stdout.readline()  # its first note (the wait), or its path if it never waited
+    hub.hold.set()
     results = [proc.communicate(timeout=120) for proc in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], results
     paths_printed = [out.strip().splitlines()[-1] for out, _ in results]
     assert paths_printed[0] == paths_printed[1] and sha256_of(Path(paths_printed[0])) == SHA
-    assert "waiting for it to finish" in results[1][0]  # it queued on the lock, then reused
+    assert "waiting for it to finish" in said, said  # it queued on the lock, then reused
     assert len(hub.file_downloads()) == 1
     assert sorted(p.name for p in (repo_dir() / "blobs").iterdir()) == [SHA]
 
