@@ -7,6 +7,7 @@ so `localchat --help` stays fast.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 from typer.models import OptionInfo
@@ -22,6 +24,13 @@ from typer.models import OptionInfo
 from localchat import __version__, render, settings
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import Environment
+
+if TYPE_CHECKING:  # for annotations only: `localchat --help` imports none of these
+    from localchat.engine.local import EngineOptions
+    from localchat.engine.protocol import Engine
+    from localchat.engine.remote import RemoteOptions
+    from localchat.history.records import ConversationRecord, HistoryStore
+    from localchat.models.catalog import ModelRef
 
 app = typer.Typer(
     name="localchat",
@@ -72,7 +81,7 @@ def _complete_model(incomplete: str) -> list[str]:
     return sorted({name for name in names if name.startswith(incomplete)})
 
 
-def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
+def ensure_local(ref: ModelRef, *, env: Environment, offline: bool = False) -> Path:
     """The one way a resolved model becomes a file on disk: pull it when missing.
 
     A person at a terminal is asked before a download starts; scripts just get the download.
@@ -80,7 +89,7 @@ def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
     Every way this fails is a LocalchatError (Ctrl-C at the question is a KeyboardInterrupt), so
     the chat's /model can keep its current model.
     """
-    if ref.kind == "path":
+    if ref.kind == "path" and ref.path is not None:  # a path ref always has its path
         return ref.path
     from localchat.models import store
 
@@ -94,7 +103,7 @@ def ensure_local(ref: Any, *, env: Environment, offline: bool = False) -> Path:
     return _pull(ref, offline, env)
 
 
-def _pull(ref: Any, offline: bool, env: Environment) -> Path:
+def _pull(ref: ModelRef, offline: bool, env: Environment) -> Path:
     from localchat.models import store
 
     if store.offline_mode(offline):  # no progress bar for a download that cannot start
@@ -215,7 +224,7 @@ def run(
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
 
-    def load_model(name: str) -> tuple[str, Any]:  # /model NAME in the chat
+    def load_model(name: str) -> tuple[str, Engine]:  # /model NAME in the chat
         if ref is None:
             from localchat.engine.remote import RemoteEngine
 
@@ -242,7 +251,8 @@ def _is_prompt(argument: str) -> bool:
     return any(character.isspace() for character in argument)
 
 
-def _resolve_run_model(model: str | None, prompt: str | None, configured: str | None) -> Any:
+def _resolve_run_model(model: str | None, prompt: str | None,
+                       configured: str | None) -> ModelRef:
     """`run`'s MODEL; a lone word that names no model is probably a one-word prompt."""
     from localchat.models.catalog import resolve_model
 
@@ -256,8 +266,8 @@ def _resolve_run_model(model: str | None, prompt: str | None, configured: str | 
         raise UsageError(exc.message, f"{exc.hint}; {usage}" if exc.hint else usage) from exc
 
 
-def _engine_options(values: dict[str, Any], ref: Any, offline: bool, env: Environment,
-                    verbose: bool) -> Any:
+def _engine_options(values: dict[str, Any], ref: ModelRef, offline: bool, env: Environment,
+                    verbose: bool) -> EngineOptions:
     """How to load the model `ref` with the merged settings; a missing model is pulled first."""
     from localchat.engine.local import EngineOptions
 
@@ -267,7 +277,7 @@ def _engine_options(values: dict[str, Any], ref: Any, offline: bool, env: Enviro
     return options
 
 
-def _remote(endpoint: str | None, model: str | None, api_key: str | None) -> Any:
+def _remote(endpoint: str | None, model: str | None, api_key: str | None) -> RemoteOptions:
     from localchat.engine.remote import remote_options
 
     return remote_options(endpoint or "", model, api_key)
@@ -286,7 +296,7 @@ def _refuse_local_flags(flags: dict[str, Any], configured: bool) -> None:
             + ("; or add --local to run on this machine" if configured else ""))
 
 
-def _warn_beyond_training(env: Environment, options: Any) -> None:
+def _warn_beyond_training(env: Environment, options: EngineOptions) -> None:
     """A note when the window is larger than the model was trained on (it works, but badly)."""
     if options.n_ctx is None:
         return
@@ -302,9 +312,9 @@ def _warn_beyond_training(env: Environment, options: Any) -> None:
         render.print_note(env, warning)
 
 
-def _spelled(setting: Any, value: Any) -> str:
+def _spelled(setting: settings.Setting, value: object) -> str:
     """A flag as the user typed it: `--no-mmap` for a pair given False."""
-    positive, _, negative = setting.flag.partition("/")
+    positive, _, negative = setting.flags[0].partition("/")
     return negative if negative and value is False else positive
 
 
@@ -381,9 +391,9 @@ def bench(
         bar = Progress(console=Console(file=env.stderr), transient=True)
         task = bar.add_task("bench", total=None)
     with bar or nullcontext():
-        result = benchmark.run_benchmark(bench_settings, options, bar and (
+        result = benchmark.run_benchmark(bench_settings, options, (
             lambda what, done, total: bar.update(task, description=what, completed=done,
-                                                 total=total)))
+                                                 total=total)) if bar is not None else None)
     record = benchmark.bench_record(result)
     if json_output:
         render.print_json(env, record)
@@ -505,7 +515,7 @@ LimitOption = Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N",
 
 
 @contextmanager
-def _history() -> Iterator[Any]:
+def _history() -> Iterator[HistoryStore | None]:
     """The history database, or None when nothing was ever saved (reading creates nothing)."""
     from localchat.history.records import default_history_path, open_history
 
@@ -517,12 +527,13 @@ def _history() -> Iterator[Any]:
         yield store
 
 
-def _conversation(store: Any, name_or_id: str) -> Any:
+def _conversation(store: HistoryStore | None,
+                  name_or_id: str) -> tuple[HistoryStore, ConversationRecord]:
     found = store.find_conversation(name_or_id.removeprefix("#")) if store else None
-    if found is None:
+    if store is None or found is None:
         raise LocalchatError(f"no conversation {name_or_id!r} in the history",
                              "list them with `localchat history`")
-    return found
+    return store, found
 
 
 @history_app.callback(invoke_without_command=True)
@@ -560,7 +571,7 @@ def history_show(context: typer.Context, conversation: ConversationArgument) -> 
     """The whole transcript of a conversation."""
     env = _env(context)
     with _history() as store:
-        record = _conversation(store, conversation)
+        store, record = _conversation(store, conversation)
         messages = store.messages(record.id)
     fields = [("conversation", f"{record.name} (id {record.id})" if record.name else
                f"id {record.id}"), ("model", record.model),
@@ -601,7 +612,8 @@ def history_export(context: typer.Context,
     """Print a conversation as Markdown or JSON."""
     env = _env(context)
     with _history() as store:
-        text = store.export_conversation(_conversation(store, conversation).id, format)
+        store, record = _conversation(store, conversation)
+        text = store.export_conversation(record.id, format)
     env.stdout.write(text.rstrip("\n") + "\n")
 
 
@@ -610,7 +622,7 @@ def history_rm(context: typer.Context, conversation: ConversationArgument) -> No
     """Delete a conversation, its messages and its KV-cache snapshots."""
     env = _env(context)
     with _history() as store:
-        record = _conversation(store, conversation)
+        store, record = _conversation(store, conversation)
         removed = store.delete_conversation(record.id)
     snapshots = f" and {len(removed)} snapshot file(s)" if removed else ""
     render.print_note(env, f"removed conversation {conversation}{snapshots}")
@@ -719,13 +731,12 @@ def _command_path(argv: list[str]) -> str:
     return " ".join(names)
 
 
-def _click_exceptions() -> Any:
+def _click_exceptions() -> ModuleType:
     """typer >= 0.29 carries its own copy of click; older ones use click itself."""
     try:
-        from typer._click import exceptions
+        return importlib.import_module("typer._click.exceptions")
     except ImportError:
-        from click import exceptions
-    return exceptions
+        return importlib.import_module("click.exceptions")
 
 
 def _silence_stdout() -> None:

@@ -70,7 +70,10 @@ def load_config(path: Path | None = None) -> Config:
         else:
             raise ConfigError(f"{where}: unknown setting '{key}'",
                               f"known settings: {', '.join(known_keys())}")
-    return Config(settings=values, **own, **remote)
+    return Config(settings=values, model=own.get("model"),
+                  snapshot_cap_mb=own.get("snapshot_cap_mb"),
+                  remote_endpoint=remote.get("remote_endpoint"),
+                  remote_model=remote.get("remote_model"))
 
 
 def _checked(setting: settings.Setting, value: Any, where: str) -> Any:
@@ -85,7 +88,7 @@ def _checked(setting: settings.Setting, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {setting.name} {problem}") from None
 
 
-def _remote(remote: Any, path: Path, text: str) -> dict[str, str]:
+def _remote(remote: object, path: Path, text: str) -> dict[str, str]:
     if not isinstance(remote, dict):
         raise ConfigError(f"{path}, line {_line_of(text, 'remote')}: 'remote' must be a table",
                           '[remote]\nendpoint = "http://gpu-box:8000/v1"')

@@ -57,8 +57,9 @@ def run_once(request: Request, env: Environment) -> int:
     engine = open_engine(request)
     if request.verbose:
         info = engine.info
-        flash = {True: " · flash attention", False: " · no flash attention"}.get(
-            getattr(info, "flash_attn", None), "")
+        flash_attn = getattr(info, "flash_attn", None)  # a remote server does not say
+        flash = "" if flash_attn is None else (
+            " · flash attention" if flash_attn else " · no flash attention")
         threads = f" · {info.threads} threads" if info.threads is not None else ""
         print_note(env, f"model {info.model_path} · ctx {info.n_ctx}{threads} · "
                         f"{info.backend}{flash} · chat template {info.chat_format} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
@@ -253,7 +253,7 @@ ELLIPSIS = "…"
 _MIN_FITTED = 10  # a fitted column keeps at least this many cells (or its header's width)
 
 
-def print_table(env: Environment, headers: list[str], rows: list[list[Cell]],
+def print_table(env: Environment, headers: Sequence[str], rows: Sequence[Sequence[Cell]],
                 fit: tuple[str, ...] = ()) -> None:
     """Aligned columns: bold headers on a terminal, plain text in a pipe.
 

@@ -378,7 +378,8 @@ class MarkdownStream:
         if block is not None and block.kind == "fence":
             lines = [*block.lines, _dedent(partial, block.indent)] if partial else block.lines
             lines = [line[-PREVIEW_CHARS:] for line in lines[-2 * LIVE_LINES :]]
-            renderable = self._code(block, lines, top=not block.started, bottom=True, live=True)
+            renderable: RenderableType = self._code(block, lines, top=not block.started,
+                                                    bottom=True, live=True)
         else:
             lines = [*block.lines, partial] if block else [partial]
             # half a screen of source lines fills the region; a table keeps its header

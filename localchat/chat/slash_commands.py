@@ -9,11 +9,12 @@ prints as one line before it reads the next.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from localchat import settings
 from localchat.chat.conversation import parse_setting, slash_settings
+from localchat.engine.protocol import Sampling
 from localchat.errors import LocalchatError, UsageError
 from localchat.render import (
     format_rate,
@@ -73,7 +74,7 @@ def _set(chat: ChatSession, argument: str) -> bool:
         chat.markdown = bool(value)
         print_note(chat.env, f"markdown {'on' if value else 'off'}")
     else:  # a sampling setting
-        chat.sampling = replace(chat.sampling, **{key: value})
+        chat.sampling = Sampling.from_settings({**asdict(chat.sampling), key: value})
         chat.with_history(lambda store, cid: store.update_settings(cid, {key: value}))
         print_note(chat.env, f"{key} = {settings.format_value(settings.get(key), value)}")
     return True

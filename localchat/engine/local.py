@@ -13,7 +13,7 @@ import ctypes
 import functools
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,11 +184,12 @@ class LocalEngine:
         """The context window size in tokens."""
         return self.info.n_ctx
 
-    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling
+               ) -> Generator[str, None, None]:
         """Yield the reply as text pieces; `last_stats` is set when the generator ends."""
         return self._stream(lambda: self.tokenize_messages(messages), sampling, chat=True)
 
-    def stream_text(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+    def stream_text(self, prompt: str, sampling: Sampling) -> Generator[str, None, None]:
         """Continue raw text with no chat template (`/v1/completions`, base models)."""
         # special=True: a raw prompt may spell out a template's tokens, as llama-server allows
         return self._stream(
@@ -196,7 +197,8 @@ class LocalEngine:
                                              parse_special=True),
             sampling, chat=False)
 
-    def _stream(self, tokenize: Any, sampling: Sampling, chat: bool) -> Iterator[str]:
+    def _stream(self, tokenize: Callable[[], list[int]], sampling: Sampling,
+                chat: bool) -> Generator[str, None, None]:
         self._check_open()
         sampling.validate()
         cursor = _Cursor(started=time.perf_counter())
@@ -210,7 +212,7 @@ class LocalEngine:
         return self._generate(tokens, sampling, cursor, chat)
 
     def _generate(self, tokens: list[int], sampling: Sampling, cursor: _Cursor,
-                  chat: bool) -> Iterator[str]:
+                  chat: bool) -> Generator[str, None, None]:
         try:
             yield from self._decode(tokens, sampling, cursor, chat)
         finally:
@@ -317,7 +319,7 @@ class LocalEngine:
             buffer = self._piece_buffer
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0,
                                                      False)
-            piece = bytes(buffer[: max(n, 0)])
+            piece = buffer.raw[: max(n, 0)]
             self._pieces[token] = piece
         return piece
 

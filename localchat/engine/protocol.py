@@ -7,7 +7,7 @@ Two implementations: `local.LocalEngine` (llama.cpp in this process) and `remote
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -108,5 +108,6 @@ class Engine(Protocol):
     @property
     def n_ctx(self) -> int: ...
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int: ...
-    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling) -> Iterator[str]: ...
+    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling
+               ) -> Generator[str, None, None]: ...
     def close(self) -> None: ...

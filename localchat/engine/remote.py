@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -174,7 +174,8 @@ class RemoteEngine:
         return 3 + sum(4 + math.ceil(len(m.get("content") or "") / CHARS_PER_TOKEN)
                        for m in messages)
 
-    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling) -> Iterator[str]:
+    def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling
+               ) -> Generator[str, None, None]:
         """Yield the reply as the server streams it; `last_stats` is set however it ends.
 
         A stream that breaks off keeps what arrived: `last_stats.finish_reason` is
@@ -356,7 +357,9 @@ class RemoteEngine:
 
 def _context_length(entry: dict[str, Any]) -> int | None:
     """The context window from a /models entry, under the names servers use for it."""
-    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    meta = entry.get("meta")
+    if not isinstance(meta, dict):
+        meta = {}
     for value in (entry.get("max_model_len"), entry.get("context_length"),
                   entry.get("context_window"), meta.get("n_ctx"), meta.get("n_ctx_train")):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -88,7 +88,9 @@ def route_llama_logs(llama_cpp: Any, verbose: bool) -> None:
 
         for module in (_internals, llama_module):
             if hasattr(module, "suppress_stdout_stderr"):
-                module.suppress_stdout_stderr = lambda disable=True: contextlib.nullcontext()
+                # attr-defined: the helper is llama_cpp's private import, not a declared export
+                module.suppress_stdout_stderr = (  # type: ignore[attr-defined]
+                    lambda disable=True: contextlib.nullcontext())
 
 
 def compiled_backend() -> str:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from localchat.errors import LocalchatError, UsageError
 from localchat.history import database as history_db
@@ -257,6 +257,7 @@ class HistoryStore:
                 )
             except sqlite3.IntegrityError:
                 raise _name_taken(name) from None
+        assert cursor.lastrowid is not None  # set by the INSERT (None only before one)
         return self._require(cursor.lastrowid)
 
     def find_conversation(self, name_or_id: str | int) -> ConversationRecord | None:
@@ -367,6 +368,7 @@ class HistoryStore:
             db.execute(
                 "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
             )
+        assert cursor.lastrowid is not None  # set by the INSERT (None only before one)
         return MessageRecord(
             id=cursor.lastrowid, conversation_id=conversation_id, role=role, content=content,
             token_count=token_count, timings=dict(timings) if timings is not None else None,
@@ -437,8 +439,8 @@ class HistoryStore:
             ))
         return hits
 
-    def export_conversation(self, name_or_id: str | int, format: Literal["md", "json"]) -> str:
-        """The whole conversation as Markdown or JSON."""
+    def export_conversation(self, name_or_id: str | int, format: str) -> str:
+        """The whole conversation as Markdown or JSON (`format` md or json, else a UsageError)."""
         conversation = self._require(name_or_id)
         messages = self.messages(conversation.id)
         if format == "json":

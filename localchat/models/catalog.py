@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -366,8 +367,8 @@ def _check_keys(table: Mapping[str, Any], known: dict[str, tuple[type, ...]],
                               f"known keys: {', '.join(names)}")
         if isinstance(value, bool) or not isinstance(value, known[key]):
             raise where.error(keys + (key,), f"'{key}' must be a {known[key][0].__name__}")
-        low, high = _RANGES.get(key, (None, None))
-        if low is not None and not low <= value <= high:
+        low, high = _RANGES.get(key, (-math.inf, math.inf))
+        if isinstance(value, int | float) and not low <= value <= high:
             raise where.error(keys + (key,), f"'{key}' = {value} is outside [{low}, {high}]")
 
 

@@ -274,8 +274,8 @@ def _read_array(
         return ArraySummary("string", count)
     if element_type == ARRAY:
         cur.need(count * 12, f"the {count:,} arrays of {key}")  # each: u32 type + u64 length
-        items = [_read_array(cur, key, depth + 1) for _ in range(count)]
-        return tuple(items) if short else ArraySummary("array", count)
+        nested = [_read_array(cur, key, depth + 1) for _ in range(count)]
+        return tuple(nested) if short else ArraySummary("array", count)
     raise cur.refuse(f"metadata {key} has arrays of unknown type {element_type}")
 
 

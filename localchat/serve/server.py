@@ -23,7 +23,7 @@ import socketserver
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -265,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         return status, (f"{gone}prompt {stats.prompt_tokens} tok ({stats.cached_tokens} cached)"
                         f" · reply {stats.completion_tokens} tok · {stats.finish_reason}")
 
-    def _start(self, engine: LocalEngine, request: api.Request) -> Iterator[str]:
+    def _start(self, engine: LocalEngine, request: api.Request) -> Generator[str, None, None]:
         """The engine's generator with its prompt checked: faults in the request become 400s."""
         engine.last_stats = None  # a generator closed before it starts leaves stats untouched
         try:
@@ -293,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise api.ApiError(500, exc.message, kind="server_error") from None
 
     def _send_whole(self, request: api.Request, meta: api.ReplyMeta, engine: LocalEngine,
-                    pieces: Iterator[str]) -> int:
+                    pieces: Generator[str, None, None]) -> int:
         text = "".join(self._pieces(pieces))
         pieces.close()
         stats = engine.last_stats
@@ -302,7 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send_json(200, api.whole_reply(meta, text, stats))
 
     def _stream_events(self, request: api.Request, meta: api.ReplyMeta, engine: LocalEngine,
-                       pieces: Iterator[str]) -> int:
+                       pieces: Generator[str, None, None]) -> int:
         stream = self._pieces(pieces)
         first = next(stream, None)  # a bad prompt fails here, while a JSON error still fits
         self.send_response(200)
