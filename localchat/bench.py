@@ -18,12 +18,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from localchat.engine.local import EngineOptions, LocalEngine, context_hint
-from localchat.engine.protocol import Sampling
+from localchat.engine.local import EngineOptions, LoadInfo, LocalEngine, context_hint
+from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.errors import UsageError
 from localchat.render import format_bytes
+
+if TYPE_CHECKING:
+    import numpy
+    from numpy.typing import NDArray
+
+    from localchat.models.gguf_reader import ModelInfo
 
 Progress = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
 MB = 1_000_000  # every *_mb figure: decimal megabytes, as `list`, `show` and disks count them
@@ -117,7 +123,8 @@ class BenchResult:
     load_average: tuple[float, float, float]
     interrupted: bool
 
-    def values(self, kind: str, field: str = "tokens_per_s", cache: str | None = None) -> list[Any]:
+    def values(self, kind: str, field: str = "tokens_per_s",
+               cache: str | None = None) -> list[float]:
         """One field of every measurement of a kind (and cache, for loads) that has it."""
         return [getattr(m, field) for m in self.measurements if m.kind == kind
                 and (cache is None or m.cache == cache) and getattr(m, field) is not None]
@@ -130,7 +137,7 @@ class _Partial:
     measurements: list[Measurement] = field(default_factory=list)
     page_cache: PageCacheDrop | None = None
     bandwidth: float | None = None
-    load: Any = None  # engine.LoadInfo of the last load
+    load: LoadInfo | None = None  # of the last load
     engine: LocalEngine | None = None
     decode_prompt_tokens: int = 0
 
@@ -188,9 +195,9 @@ def _measure(settings: BenchSettings, options: EngineOptions, partial: _Partial,
         progress("cold load", done, steps)
         partial.page_cache = drop_file_cache(options.model_path, settings.drop_all_caches)
         if partial.page_cache.dropped:  # a load from a warm cache is no cold figure
-            partial.load_engine(options, "cold")
+            cold = partial.load_engine(options, "cold").info
             partial.close()  # unmapped, so the next load finds the file cached but not mapped
-            check_fits(settings, partial.load)  # a bad size costs one load, not two
+            check_fits(settings, cold)  # a bad size costs one load, not two
         done += 1
     progress("warm load", done, steps)
     engine = partial.load_engine(options, "warm")
@@ -214,7 +221,7 @@ def _measure(settings: BenchSettings, options: EngineOptions, partial: _Partial,
     progress("done", steps, steps)
 
 
-def check_fits(settings: BenchSettings, load: Any, decode_prompt_tokens: int = 0) -> None:
+def check_fits(settings: BenchSettings, load: LoadInfo, decode_prompt_tokens: int = 0) -> None:
     """Refuse -p (or, given the decode prompt's size, -n) that overflows the context window."""
     if settings.prompt_tokens >= load.n_ctx:
         flag, size, needed = "-p", settings.prompt_tokens, settings.prompt_tokens + 1
@@ -256,12 +263,14 @@ def prompt_of_length(engine: LocalEngine, n_tokens: int) -> list[dict[str, str]]
     return best
 
 
-def _reply(engine: LocalEngine, messages: list[dict[str, str]], max_tokens: int) -> Any:
+def _reply(engine: LocalEngine, messages: list[dict[str, str]],
+           max_tokens: int) -> GenerationStats:
     """GenerationStats of one greedy reply to `messages`, evaluated from an empty KV cache."""
     engine.reset_cache()  # nothing reused from the previous run
     for _ in engine.stream(messages, Sampling(temperature=0, ignore_eos=True,
                                               max_tokens=max_tokens)):
         pass
+    assert engine.last_stats is not None  # set when the stream ends
     return engine.last_stats
 
 
@@ -278,7 +287,7 @@ def _decode(engine: LocalEngine, messages: list[dict[str, str]], n_tokens: int,
                        stats.decode_tokens_per_s, peak_rss_mb=peak_rss_mb())
 
 
-def weights_read_per_token(info: Any) -> int:
+def weights_read_per_token(info: ModelInfo) -> int:
     """Weight bytes one decoded token reads: all, but one row of an untied input embedding."""
     names = {tensor.name for tensor in info.tensors}
     untied = "output.weight" in names
@@ -419,7 +428,7 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes, default=None)
 
 
-def _read_after(start: threading.Event, part: Any) -> None:
+def _read_after(start: threading.Event, part: NDArray[numpy.float64]) -> None:
     start.wait()
     part.max()
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from localchat.errors import LocalchatError
+
+if TYPE_CHECKING:  # for annotations only: the CLI imports this module for --help
+    from datetime import datetime
+
+    from localchat.engine.protocol import EngineInfo, GenerationStats
+    from localchat.history.records import MessageRecord
+    from localchat.models.catalog import ModelRef
+    from localchat.models.gguf_reader import MemoryEstimate, ModelInfo
 
 
 @dataclass
@@ -37,7 +45,7 @@ class Environment:
         return _isatty(self.stderr) and not os.environ.get("NO_COLOR")
 
 
-def _isatty(stream: Any) -> bool:
+def _isatty(stream: IO[str] | None) -> bool:
     try:
         return bool(stream and stream.isatty())
     except (ValueError, OSError):
@@ -136,7 +144,7 @@ def format_rate(value: float | None) -> str:
     return f"{value:,.1f} tok/s" if value else "- tok/s"
 
 
-def format_stats(load: Any, stats: Any) -> str:
+def format_stats(load: EngineInfo | None, stats: GenerationStats) -> str:
     """The one-line timing summary `--verbose` prints after a reply."""
     parts = []
     if load is not None:
@@ -153,7 +161,8 @@ def format_stats(load: Any, stats: Any) -> str:
     return " · ".join(parts)
 
 
-def stats_record(text: str, load: Any, stats: Any, model: str) -> dict[str, Any]:
+def stats_record(text: str, load: EngineInfo | None, stats: GenerationStats,
+                 model: str) -> dict[str, Any]:
     """The `--json` object for one reply: text, finish reason, token counts, timings."""
     return {
         "model": model,
@@ -193,7 +202,8 @@ def stderr_is_terminal(env: Environment) -> bool:
 
 
 @contextmanager
-def download_progress(env: Environment, label: str) -> Iterator[tuple[Any, Any]]:
+def download_progress(env: Environment, label: str
+                      ) -> Iterator[tuple[Callable[[int, int], None], Callable[[str], None]]]:
     """(progress, status) callbacks for a pull: a rich bar on a terminal, quiet in a pipe."""
 
     def status(note: str) -> None:
@@ -424,7 +434,7 @@ def print_fields(env: Environment, fields: list[tuple[str, str]]) -> None:
         print(f"{key.ljust(width)}  {terminal_safe(value)}", file=env.stdout)
 
 
-def model_fields(ref: Any, info: Any, memory: Any, n_ctx: int,
+def model_fields(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: int,
                  available: int | None) -> list[tuple[str, str]]:
     """What `localchat show` prints: identity, shape, and whether it fits in memory."""
     spec = getattr(ref, "spec", None)
@@ -450,7 +460,7 @@ def model_fields(ref: Any, info: Any, memory: Any, n_ctx: int,
     return fields
 
 
-def model_record(ref: Any, info: Any, memory: Any, n_ctx: int,
+def model_record(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: int,
                  available: int | None) -> dict[str, Any]:
     """What `localchat show --json` prints: the same facts as `model_fields`, as data."""
     spec = getattr(ref, "spec", None)
@@ -474,12 +484,12 @@ def model_record(ref: Any, info: Any, memory: Any, n_ctx: int,
 # ---- history: `localchat history` listings and transcripts ----------------------------------
 
 
-def format_when(moment: Any) -> str:
+def format_when(moment: datetime) -> str:
     """A stored UTC datetime as local `YYYY-MM-DD HH:MM`."""
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def print_transcript(env: Environment, messages: list[Any]) -> None:
+def print_transcript(env: Environment, messages: Sequence[MessageRecord]) -> None:
     """Each message as a role line (bold on a terminal) and its text, a blank line between.
 
     On a terminal the text is made safe (`terminal_safe`): it came from a person or a model.

@@ -10,7 +10,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from localchat import paths
 from localchat.chat.session import BLOCK, CONTINUATION, PROMPT, ChatSession, ReplOptions
@@ -19,7 +19,11 @@ from localchat.render import Environment, print_error, print_note
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import CompleteEvent, Completer
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.history import History
     from prompt_toolkit.input import Input
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
     from prompt_toolkit.output import Output
 
     from localchat.engine.protocol import Engine
@@ -96,7 +100,7 @@ def find_resumed(store: HistoryStore, options: ReplOptions,
     return None
 
 
-def chat_loop(chat: ChatSession, session: PromptSession) -> None:
+def chat_loop(chat: ChatSession, session: PromptSession[str]) -> None:
     """Read, run, repeat: slash commands, messages, and the keys that stop things."""
     from localchat.chat.slash_commands import run_command
 
@@ -120,12 +124,12 @@ def chat_loop(chat: ChatSession, session: PromptSession) -> None:
 
 
 def prompt_session(chat: ChatSession, pt_input: Input | None = None,
-                   pt_output: Output | None = None) -> PromptSession:
+                   pt_output: Output | None = None) -> PromptSession[str]:
     """The prompt: input history, completion, multi-line keys and the bottom toolbar."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
 
-    history: Any = InMemoryHistory()
+    history: History = InMemoryHistory()
     if chat.request.history:  # --no-history means nothing on disk, typed lines included
         path = paths.data_dir() / "input_history"
         try:
@@ -145,7 +149,7 @@ def prompt_session(chat: ChatSession, pt_input: Input | None = None,
     )
 
 
-def _input_history(path: str) -> Any:
+def _input_history(path: str) -> History:
     """Typed lines kept in `path`; a line that cannot be written (a full disk) is only lost."""
     from prompt_toolkit.history import FileHistory
 
@@ -158,7 +162,7 @@ def _input_history(path: str) -> Any:
     return InputHistory(path)
 
 
-def _key_bindings() -> Any:
+def _key_bindings() -> KeyBindings:
     from prompt_toolkit.application import get_app
     from prompt_toolkit.filters import Condition
     from prompt_toolkit.key_binding import KeyBindings
@@ -166,23 +170,24 @@ def _key_bindings() -> Any:
     bindings = KeyBindings()
 
     @bindings.add("escape", "enter")  # Esc-Enter, and Alt-Enter (terminals send the same)
-    def _newline(event: Any) -> None:
+    def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
     @bindings.add("enter", filter=Condition(lambda: block_is_open(get_app().current_buffer.text)))
-    def _block_line(event: Any) -> None:
+    def _block_line(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
     return bindings
 
 
-def _completer(chat: ChatSession) -> Any:
+def _completer(chat: ChatSession) -> Completer:
     from prompt_toolkit.completion import Completer, Completion
 
     from localchat.chat.slash_commands import completions
 
     class SlashCompleter(Completer):
-        def get_completions(self, document: Any, complete_event: Any) -> Iterable[Completion]:
+        def get_completions(self, document: Document,
+                            complete_event: CompleteEvent) -> Iterable[Completion]:
             text = document.text_before_cursor
             word = text.rsplit(" ", 1)[-1]
             for candidate in completions(chat, text):

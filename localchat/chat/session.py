@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
 from localchat.errors import LocalchatError, UsageError
@@ -17,7 +17,10 @@ from localchat.history.snapshots import DEFAULT_CAP_BYTES
 from localchat.render import Environment, PlainStream, format_rate, print_note, terminal_safe
 
 if TYPE_CHECKING:
-    from localchat.engine.protocol import Engine
+    from rich.console import Console
+
+    from localchat.chat.markdown_stream import MarkdownStream
+    from localchat.engine.protocol import Engine, GenerationStats
     from localchat.history.records import ConversationRecord, HistoryStore
     from localchat.oneshot import Request
 
@@ -56,7 +59,7 @@ class ChatSession:
         self.name: str | None = None  # the name a not-yet-saved conversation will get
         self.cache_is_current = False  # the KV cache holds this conversation (worth a snapshot)
         self.used_tokens = 0
-        self._console: Any = None
+        self._console: Console | None = None
 
     # --- a turn ---------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class ChatSession:
         label = self.model.rstrip("/").rsplit("/", 1)[-1]  # a path's file name, a repo's name
         return f" {label} · {self.used_tokens} / {engine.n_ctx} tokens · {rate}"
 
-    def _renderer(self) -> Any:
+    def _renderer(self) -> PlainStream | MarkdownStream:
         if not (self.markdown and self.env.stdout_isatty):
             return PlainStream(self.env.stdout)
         from localchat.chat.markdown_stream import MarkdownStream
@@ -140,7 +143,7 @@ class ChatSession:
 
     # --- the history ----------------------------------------------------------------------
 
-    def save_message(self, role: str, text: str, stats: Any = None,
+    def save_message(self, role: str, text: str, stats: GenerationStats | None = None,
                      interrupted: bool = False) -> None:
         """Commit one message, creating the conversation with the first; failures are a note.
 
@@ -169,7 +172,7 @@ class ChatSession:
         except LocalchatError as exc:
             self._history_failed(exc)
 
-    def _add_message(self, role: str, text: str, stats: Any = None,
+    def _add_message(self, role: str, text: str, stats: GenerationStats | None = None,
                      interrupted: bool = False) -> None:
         assert self.store is not None
         if self.record is None:

@@ -30,12 +30,16 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeGuard
 
 from localchat import paths
 from localchat.engine.runtime import import_llama_cpp
 from localchat.errors import LocalchatError
 from localchat.history.records import HistoryStore
+
+if TYPE_CHECKING:
+    from localchat.engine.local import LocalEngine
+    from localchat.engine.protocol import Engine
 
 MAGIC = b"LCKVSNAP"
 FORMAT_VERSION = 1
@@ -99,7 +103,7 @@ def model_identity(model_path: Path) -> str:
     return f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def snapshot_key(engine: Any) -> SnapshotKey:
+def snapshot_key(engine: LocalEngine) -> SnapshotKey:
     """The key a snapshot of this loaded engine is filed under."""
     return SnapshotKey(
         model_identity=model_identity(engine.info.model_path), n_ctx=engine.n_ctx,
@@ -155,14 +159,14 @@ def sweep_orphans(store: HistoryStore) -> list[Path]:
     return removed
 
 
-def _supports_state(engine: Any) -> bool:
+def _supports_state(engine: Engine) -> TypeGuard[LocalEngine]:
     return callable(getattr(engine, "export_state", None)) and callable(
         getattr(engine, "import_state", None)
     )
 
 
 def save_snapshot(
-    engine: Any, store: HistoryStore, conversation_id: int,
+    engine: Engine, store: HistoryStore, conversation_id: int,
     cap_bytes: int = DEFAULT_CAP_BYTES,
 ) -> SaveResult:
     """Save the engine's KV cache as the conversation's snapshot; evict LRU files over the cap."""
@@ -210,7 +214,7 @@ def save_snapshot(
 
 
 def restore_snapshot(
-    engine: Any, store: HistoryStore, conversation_id: int, messages: Sequence[dict[str, str]],
+    engine: Engine, store: HistoryStore, conversation_id: int, messages: Sequence[dict[str, str]],
 ) -> RestoreResult:
     """Load the conversation's snapshot if it fits this engine and is a prefix of `messages`."""
     if not _supports_state(engine):
