@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from localchat.engine.protocol import GenerationStats
+import pytest
+
+from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.serve import openai_api as api
 
 
@@ -19,3 +21,11 @@ def test_a_full_context_window_is_openais_length():
         assert api.chunk(meta, finish="context")["choices"][0]["finish_reason"] == "length"
         assert api.chunk(meta, finish="stop")["choices"][0]["finish_reason"] == "stop"
         assert api.chunk(meta, text="a")["choices"][0]["finish_reason"] is None
+
+
+@pytest.mark.parametrize("role", [["user"], {"name": "user"}, None, 5])
+def test_a_role_that_is_not_text_is_a_400_naming_it(role):
+    body = {"messages": [{"role": role, "content": "hi"}]}
+    with pytest.raises(api.ApiError) as raised:  # an unhashable role was once a TypeError
+        api.parse_request("chat", body, Sampling())
+    assert (raised.value.status, raised.value.param) == (400, "messages[0].role")

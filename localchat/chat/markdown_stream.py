@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.padding import PaddingDimensions
 from rich.segment import ControlType, Segment, Segments
 from rich.style import Style
 from rich.syntax import Syntax
@@ -399,8 +400,10 @@ class MarkdownStream:
     def _markdown(self, text: str) -> Markdown:
         return Markdown(text, code_theme=self._theme)
 
-    def _syntax(self, code: str, lexer: str, **options: object) -> Syntax:
-        return Syntax(code, lexer, theme=self._theme, word_wrap=True, **options)  # type: ignore[arg-type]
+    def _syntax(self, code: str, lexer: str, padding: PaddingDimensions,
+                line_range: tuple[int, int] | None = None) -> Syntax:
+        return Syntax(code, lexer, theme=self._theme, word_wrap=True, padding=padding,
+                      line_range=line_range)
 
     def _code(
         self, block: _Block, lines: list[str], top: bool, bottom: bool, live: bool = False

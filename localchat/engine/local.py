@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localchat import settings
 from localchat.engine import templates
@@ -30,6 +30,11 @@ from localchat.engine.runtime import (
     route_llama_logs,
 )
 from localchat.errors import ContextOverflowError, EngineError, UsageError
+
+if TYPE_CHECKING:
+    from llama_cpp._internals import LlamaSampler
+
+    from localchat.models.gguf_reader import ModelInfo
 
 DEFAULT_CONTEXT = 4096  # a sane cap: KV cache memory grows linearly with the window
 PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
@@ -109,8 +114,8 @@ class _Cursor:
 class LocalEngine:
     """A loaded model: format chats, count tokens, and stream replies."""
 
-    def __init__(self, options: EngineOptions, model_info: Any) -> None:
-        """Load the model; `model_info` is the validated header (modelfile.ModelInfo)."""
+    def __init__(self, options: EngineOptions, model_info: ModelInfo) -> None:
+        """Load the model; `model_info` is the validated header."""
         options.validate()
         llama_cpp = import_llama_cpp()
         route_llama_logs(llama_cpp, options.verbose)
@@ -287,7 +292,7 @@ class LocalEngine:
         is_eog, vocab = self._llama_cpp.llama_vocab_is_eog, self._vocab
         return tuple(t for t in range(self._llama.n_vocab()) if is_eog(vocab, t))
 
-    def _sampler(self, sampling: Sampling) -> Any:
+    def _sampler(self, sampling: Sampling) -> LlamaSampler:
         from llama_cpp import _internals
 
         sampler = _internals.LlamaSampler()

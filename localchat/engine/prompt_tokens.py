@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
 
 # llama.cpp's llama_token_attr bits
 ATTR_UNKNOWN = 1 << 0
@@ -42,7 +42,7 @@ class Special:
 class PromptTokenizer:
     """Tokens for a prompt given as pieces, through the model's own llama.cpp tokenizer."""
 
-    def __init__(self, llama_cpp: Any, vocab: Any) -> None:
+    def __init__(self, llama_cpp: ModuleType, vocab: int) -> None:  # vocab: a C pointer
         self._llama_cpp = llama_cpp
         self._vocab = vocab
         self._specials_in: dict[bytes, tuple[Special, ...]] = {}

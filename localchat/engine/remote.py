@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 from urllib.parse import urlsplit
 
 from localchat import __version__
@@ -133,9 +133,12 @@ def _tokens(pieces: int) -> str:
     return f"{pieces} token" + ("" if pieces == 1 else "s")
 
 
-def _count(value: Any, fallback: int) -> int:
+def _count(value: object, fallback: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
         else fallback
+
+
+_Exchange = tuple[http.client.HTTPConnection, http.client.HTTPResponse]  # a request, its answer
 
 
 class RemoteEngine:
@@ -275,8 +278,14 @@ class RemoteEngine:
         items = data.get("data") if isinstance(data, dict) else None
         return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
 
+    @overload
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> _Exchange: ...
+    @overload
     def _request(self, method: str, path: str, body: dict[str, Any] | None,
-                 missing_ok: bool = False) -> Any:
+                 missing_ok: bool) -> _Exchange | None: ...
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None,
+                 missing_ok: bool = False) -> _Exchange | None:
         """Send one request and return (connection, response).
 
         An HTTP error status becomes an EngineError in the server's words; with `missing_ok`,
@@ -367,7 +376,7 @@ def _context_length(entry: dict[str, Any]) -> int | None:
     return None
 
 
-def _choice_text(choice: Any) -> str | None:
+def _choice_text(choice: object) -> str | None:
     if not isinstance(choice, dict):
         return None
     for holder in (choice.get("delta"), choice.get("message")):
@@ -420,7 +429,7 @@ def _json_or_text(raw: bytes) -> Any:
         return raw.decode("utf-8", errors="replace")
 
 
-def _error_text(body: Any, api_key: str | None) -> str:
+def _error_text(body: object, api_key: str | None) -> str:
     """The server's error message, one printable line, with our key blanked if it was echoed."""
     text = body
     if isinstance(text, dict) and "error" in text:

@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 from localchat.errors import EngineError
 
@@ -39,7 +39,7 @@ def physical_core_count() -> int:
     return max(1, min(allowed, len(cores) or allowed))
 
 
-def import_llama_cpp() -> Any:
+def import_llama_cpp() -> ModuleType:
     """Import llama_cpp, or say how to install it."""
     try:
         import llama_cpp
@@ -54,11 +54,11 @@ def import_llama_cpp() -> Any:
 # Per-tensor and per-graph lines llama.cpp logs at info level: thousands of them per load.
 _NOISY_LOG_PREFIXES = (b"llama_graph_n_input_tensors", b"create_tensor:", b"load_tensors: layer",
                        b"graph_reserve:", b"set_abort_callback", b".")
-_log_callback: Any = None  # kept alive: llama.cpp holds a raw pointer to it
+_log_callback: object = None  # kept alive: llama.cpp holds a raw pointer to it
 _show_llama_logs = False
 
 
-def route_llama_logs(llama_cpp: Any, verbose: bool) -> None:
+def route_llama_logs(llama_cpp: ModuleType, verbose: bool) -> None:
     """Send llama.cpp's log lines to stderr only under --verbose.
 
     llama-cpp-python hides them by pointing the process's stdout/stderr file descriptors at
@@ -73,7 +73,7 @@ def route_llama_logs(llama_cpp: Any, verbose: bool) -> None:
 
         last_level = [0]
 
-        def forward(level: int, text: bytes, _user_data: Any) -> None:
+        def forward(level: int, text: bytes, _user_data: object) -> None:
             # ggml levels: 1 info, 2 warn, 3 error, 4 debug, 5 continues the previous line
             level = last_level[0] if level == 5 else level
             last_level[0] = level

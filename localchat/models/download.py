@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import BinaryIO
 
 from localchat.errors import DiskFullError, LocalchatError, ModelFileError, disk_full_error
 from localchat.render import format_bytes
@@ -91,7 +91,7 @@ def download(url: str, headers: dict[str, str], blob: Path, total: int, sha256: 
     os.replace(partial, blob)
 
 
-def _fetch(url: str, headers: dict[str, str], out: Any, have: int, total: int, hashes: _Hashes,
+def _fetch(url: str, headers: dict[str, str], out: BinaryIO, have: int, total: int, hashes: _Hashes,
            progress: Progress) -> int:
     hub = hf_hub()
     request = dict(headers, Range=f"bytes={have}-") if have else headers

