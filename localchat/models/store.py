@@ -313,7 +313,7 @@ def _malformed(what: str, exc: Exception) -> LocalchatError:
                           "HF_ENDPOINT must be a Hugging Face hub or a faithful mirror of one")
 
 
-def _text(value: Any, field: str) -> str:
+def _text(value: object, field: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{field} is {type(value).__name__}, not text")
     return value
