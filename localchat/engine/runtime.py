@@ -88,7 +88,8 @@ def route_llama_logs(llama_cpp: ModuleType, verbose: bool) -> None:
 
         for module in (_internals, llama_module):
             if hasattr(module, "suppress_stdout_stderr"):
-                # attr-defined: the helper is llama_cpp's private import, not a declared export
+                # attr-defined: a patch of llama_cpp's private helper (a class, replaced by a
+                # function); the loop's ModuleType declares no attribute to assign
                 module.suppress_stdout_stderr = (  # type: ignore[attr-defined]
                     lambda disable=True: contextlib.nullcontext())
 
