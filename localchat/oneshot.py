@@ -6,12 +6,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from localchat.engine.loader import open_engine
-from localchat.engine.local import EngineOptions, context_hint
+from localchat.engine.local import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import (
     Environment,
     PlainStream,
+    context_note,
     format_stats,
     print_json,
     print_note,
@@ -20,7 +21,7 @@ from localchat.render import (
 )
 
 if TYPE_CHECKING:
-    from localchat.engine.protocol import Engine, GenerationStats
+    from localchat.engine.protocol import GenerationStats
     from localchat.engine.remote import RemoteOptions
     from localchat.history.records import HistoryStore
 
@@ -96,16 +97,8 @@ def run_once(request: Request, env: Environment) -> int:
     if failure is not None:
         raise failure  # then the one-line error on stderr, exit 1
     if stats.finish_reason == "context":
-        print_note(env, context_note(engine, stats))
+        print_note(env, context_note(engine.info, stats))
     return ExitStatus.INTERRUPTED if stats.finish_reason == "interrupted" else ExitStatus.OK
-
-
-def context_note(engine: Engine, stats: GenerationStats) -> str:
-    """Why a reply stopped short without -n: the context window is full."""
-    info = engine.info
-    hint = context_hint(info.n_ctx, getattr(info, "n_ctx_train", None), "shorten the input")
-    return (f"note: the reply stopped at the end of the {info.n_ctx}-token context window "
-            f"(prompt {stats.prompt_tokens} + reply {stats.completion_tokens} tokens); {hint}")
 
 
 # Recording the exchange in the history: the user's message is committed before generation, the

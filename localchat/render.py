@@ -190,6 +190,15 @@ def _round(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
 
+def context_note(info: EngineInfo, stats: GenerationStats) -> str:
+    """Why a reply stopped short without -n: the context window is full."""
+    from localchat.engine.local import context_hint
+
+    hint = context_hint(info.n_ctx, getattr(info, "n_ctx_train", None), "shorten the input")
+    return (f"note: the reply stopped at the end of the {info.n_ctx}-token context window "
+            f"(prompt {stats.prompt_tokens} + reply {stats.completion_tokens} tokens); {hint}")
+
+
 def print_json(env: Environment, record: dict[str, Any]) -> None:
     """One JSON object on one line of stdout."""
     env.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -364,6 +364,16 @@ def test_old_exchanges_are_dropped_with_a_note_and_kept_in_the_history(small):
     assert len(stored()[0]) == 10  # the history keeps every message
 
 
+
+def test_a_reply_that_fills_the_window_says_so_and_usage_never_passes_the_window(small):
+    small.reset_cache()
+    result = chat(small, "Tell me a long story.\r/context\r",
+                  sampling=Sampling(temperature=0.0, ignore_eos=True))
+    assert small.last_stats.finish_reason == "context"
+    assert "stopped at the end of the 256-token context window" in result.stderr
+    used, window = (int(n) for n in result.stdout.rsplit(" tokens used", 1)[0].split()[-3::2])
+    assert window == 256 and used <= window
+
 # --- conversations that last ---------------------------------------------------------------
 
 

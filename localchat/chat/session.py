@@ -14,7 +14,14 @@ from localchat.chat.conversation import Conversation, Message, fit_to_window, me
 from localchat.errors import LocalchatError, UsageError
 from localchat.history.records import ConversationNotFound
 from localchat.history.snapshots import DEFAULT_CAP_BYTES
-from localchat.render import Environment, PlainStream, format_rate, print_note, terminal_safe
+from localchat.render import (
+    Environment,
+    PlainStream,
+    context_note,
+    format_rate,
+    print_note,
+    terminal_safe,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -108,6 +115,8 @@ class ChatSession:
             self.save_message("assistant", text, stats, interrupted)
             if failure is None and interrupted:
                 print_note(self.env, "interrupted: the partial reply is kept")
+            elif stats is not None and stats.finish_reason == "context":
+                print_note(self.env, context_note(engine.info, stats))
             self.env.stdout.write("\n")  # a blank line between exchanges
             self.env.stdout.flush()
         self.refresh_usage()
@@ -119,8 +128,13 @@ class ChatSession:
         return min(self.sampling.max_tokens or REPLY_ROOM, self.engine.n_ctx // 4)
 
     def refresh_usage(self) -> None:
-        """Count the tokens the conversation takes now (for /context and the toolbar)."""
-        self.used_tokens = self.engine.count_tokens(messages_for_model(self.conversation))
+        """Count the tokens the conversation takes now (for /context and the toolbar).
+
+        A reply that filled the window counts with the next turn's opening too, which is more
+        than the window holds: the usage shown stops at the window (the next turn makes room).
+        """
+        used = self.engine.count_tokens(messages_for_model(self.conversation))
+        self.used_tokens = min(used, self.engine.n_ctx)
 
     def toolbar(self) -> str:
         """The bottom line: model, tokens used / context size, last decode speed."""
