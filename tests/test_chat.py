@@ -144,6 +144,23 @@ def test_exactly_full_still_fits() -> None:
         fit_to_window(Conversation().add_user(words(50)), WordCounter(), n_ctx=100, reserve=100)
 
 
+@pytest.mark.parametrize(("n_ctx", "n_ctx_train", "hint"), [
+    (100, None, "use --ctx 1024 or more if the model allows it"),
+    (100, 8192, "use --ctx 1024 or more (this model was trained on 8192)"),
+    (100, 512, "raise --ctx up to 512, this model's trained length"),
+    (100, 100, "--ctx 100 is already at this model's trained length (100)"),
+    (100, 64, "--ctx 100 is already past this model's trained length (64)"),
+])
+def test_a_message_that_cannot_fit_asks_for_more_context_only_while_the_model_allows(
+        n_ctx, n_ctx_train, hint):
+    with pytest.raises(ContextOverflowError) as caught:
+        fit_to_window(Conversation().add_user(words(150)), WordCounter(), n_ctx=n_ctx,
+                      reserve=10, n_ctx_train=n_ctx_train)
+    assert hint in caught.value.hint
+    assert ("raise --ctx" in caught.value.hint or "use --ctx" in caught.value.hint) == (
+        n_ctx_train is None or n_ctx < n_ctx_train)
+
+
 def test_overflow_drops_oldest_whole_exchanges_down_to_half_the_window() -> None:
     counter = WordCounter()
     conversation = chat_of(40).add_user(words(10, "newest"))  # 40 exchanges of 28 tokens

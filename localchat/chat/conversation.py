@@ -88,8 +88,25 @@ def messages_for_model(conversation: Conversation) -> list[dict[str, str]]:
     return head + [message.as_dict() for message in conversation.messages]
 
 
+def _overflow_hint(needed: int, n_ctx: int, n_ctx_train: int | None) -> str:
+    """What to do about a message that cannot fit: a larger --ctx only while the model allows it."""
+    suggestion = 1024 * math.ceil(needed / 1024)
+    if n_ctx_train is None:
+        return f"use --ctx {suggestion} or more if the model allows it, or send a shorter message"
+    if n_ctx >= n_ctx_train:
+        where = "at" if n_ctx == n_ctx_train else "past"
+        return (f"send a shorter message: --ctx {n_ctx} is already {where} this model's trained "
+                f"length ({n_ctx_train})")
+    if suggestion > n_ctx_train:
+        return (f"send a shorter message, or raise --ctx up to {n_ctx_train}, this model's "
+                "trained length")
+    return f"use --ctx {suggestion} or more (this model was trained on {n_ctx_train}), or " \
+           "send a shorter message"
+
+
 def fit_to_window(
-    conversation: Conversation, count_tokens: TokenCounter, n_ctx: int, reserve: int
+    conversation: Conversation, count_tokens: TokenCounter, n_ctx: int, reserve: int,
+    n_ctx_train: int | None = None,
 ) -> FitResult:
     """Drop the oldest whole exchanges until the prompt plus `reserve` fits in `n_ctx` tokens.
 
@@ -117,11 +134,10 @@ def fit_to_window(
 
     smallest = count_tokens(messages_for_model(drop(droppable))) if droppable else full
     if smallest > budget:
-        suggestion = 1024 * math.ceil((smallest + reserve) / 1024)
         raise ContextOverflowError(
             f"prompt is {smallest} tokens; the context window is {n_ctx} "
             f"with {reserve} reserved for the reply",
-            f"use --ctx {suggestion} or more if the model allows it, or send a shorter message",
+            _overflow_hint(smallest + reserve, n_ctx, n_ctx_train),
         )
     target = min(budget, n_ctx // 2)
     if smallest > target:

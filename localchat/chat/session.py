@@ -74,7 +74,8 @@ class ChatSession:
         """One turn: fit the window, save the message, stream and keep the reply."""
         engine = self.engine
         fit = fit_to_window(self.conversation.add_user(text), engine.count_tokens,
-                            engine.n_ctx, self.reply_room())
+                            engine.n_ctx, self.reply_room(),
+                            getattr(engine.info, "n_ctx_train", None))
         if fit.dropped_exchanges:
             print_note(self.env, f"dropped the oldest {fit.dropped_exchanges} exchange(s) to fit "
                                  f"the {engine.n_ctx}-token context window")
