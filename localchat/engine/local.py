@@ -22,7 +22,7 @@ from localchat import settings
 from localchat.engine import kv_reuse, reasoning, templates
 from localchat.engine.prompt_tokens import PromptTokenizer
 from localchat.engine.protocol import GenerationStats, Sampling, answer_only
-from localchat.engine.reasoning import REASONING, Part, Thinking
+from localchat.engine.reasoning import REASONING, Family, Part, Thinking
 from localchat.engine.reply_text import ReplyText
 from localchat.engine.runtime import (
     compiled_backend,
@@ -277,12 +277,13 @@ class LocalEngine:
         while True:
             budget = sampling.think_budget
             if budget is not None and reply.thinking and cursor.thought >= budget:
+                assert family is not None  # only a thinking model's reply can be thinking
                 decoder.reset()  # a character cut by the budget is dropped, as at the end
-                if not self._close_thinking(reply, sampler, cursor,
+                if not self._close_thinking(family, sampler, cursor,
                                             sampling.max_tokens or self.n_ctx):
                     cursor.finish_reason = "length"
                     break
-                yield from reply.feed(reply.splitter.family.close_text)  # type: ignore[union-attr]
+                yield from reply.feed(family.close_text)
             token = sampler.sample(llama._ctx, -1)
             now = time.perf_counter()
             cursor.first_token_at = cursor.first_token_at or now
@@ -364,12 +365,10 @@ class LocalEngine:
             self._pieces[token] = piece
         return piece
 
-    def _close_thinking(self, reply: ReplyText, sampler: Any, cursor: _Cursor,
+    def _close_thinking(self, family: Family, sampler: Any, cursor: _Cursor,
                         limit: int) -> bool:
         """The thinking budget is spent: evaluate the closing marker's tokens as if the model had
         written them, so that it answers next. False when no room is left for an answer."""
-        family = reply.splitter.family
-        assert family is not None
         closing = self._llama.tokenize(family.close_text.encode("utf-8"), add_bos=False,
                                        special=True)
         room = min(limit - cursor.completion_tokens, self.n_ctx - 1 - self._llama.n_tokens)
