@@ -96,3 +96,33 @@ def test_run_with_an_endpoint_keeps_the_thinking_apart(server):
     record = json.loads(result.stdout)
     assert record["reasoning"] and record["text"] and "</think>" not in record["text"]
     assert record["reasoning_tokens"] > 6
+
+
+# ---- the remote engine reading a server's thinking (a fake server, no model) -----------------
+
+
+def test_the_remote_engine_splits_reasoning_content_and_markers_left_in():
+    from localchat.engine.reasoning import ANSWER, REASONING
+    from localchat.engine.remote import RemoteEngine, remote_options
+    from tests.test_remote import FakeServer, delta, models, sse
+
+    def thinking_delta(text):
+        return {"choices": [{"index": 0, "delta": {"reasoning_content": text}}]}
+
+    for events in ([thinking_delta("17 x 23"), thinking_delta(" = 391"), delta("No."),
+                    delta(finish="stop")],
+                   [delta("<th"), delta("ink>17 x 23 = 391</think>"), delta("\n\nNo."),
+                    delta(finish="stop")]):
+        server = FakeServer({("GET", "/v1/models"): models({"id": "m"}),
+                             ("POST", "/v1/chat/completions"): sse(*events)})
+        try:
+            engine = RemoteEngine(remote_options(server.url, "m", None))
+            parts = list(engine.stream_parts(QUESTION, Sampling(temperature=0, think=False,
+                                                                think_budget=8)))
+        finally:
+            server.close()
+        assert "".join(p.text for p in parts if p.kind == REASONING) == "17 x 23 = 391"
+        assert "".join(p.text for p in parts if p.kind == ANSWER) == "No."
+        body = server.requests[-1]["body"]
+        assert body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert body["think_budget"] == 8
