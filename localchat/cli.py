@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, get_args
@@ -180,6 +180,9 @@ def run(
     prompt: Annotated[str | None, typer.Argument(
         metavar="PROMPT", help="The prompt; piped stdin comes first.")] = None,
     json_output: JsonOption = False,
+    show_thinking: Annotated[bool, typer.Option(
+        "--show-thinking", help="Show a thinking model's thinking in full, on stderr (also in "
+        "a pipe, where only the answer goes to stdout).")] = False,
     verbose: VerboseOption = False,
     offline: OfflineOption = False,
     endpoint: Annotated[str | None, typer.Option(metavar="URL", help=(
@@ -220,7 +223,8 @@ def run(
         sampling=Sampling.from_settings(values), system=values["system"],
         engine=_engine_options(values, ref, offline, env, verbose) if ref else None,
         remote=None if ref else _remote(endpoint, model, api_key),
-        json_output=json_output, verbose=verbose, history=values["history"])
+        json_output=json_output, verbose=verbose, history=values["history"],
+        show_thinking=show_thinking)
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
 
@@ -274,7 +278,8 @@ def _engine_options(values: dict[str, Any], ref: ModelRef, offline: bool, env: E
     options = EngineOptions.from_settings(values, ensure_local(ref, offline=offline, env=env),
                                           verbose=verbose)
     _warn_beyond_training(env, options)
-    return options
+    spec = getattr(ref, "spec", None)  # the catalog knows a thinking model the file may not
+    return replace(options, thinking=spec.thinking) if spec and spec.thinking else options
 
 
 def _remote(endpoint: str | None, model: str | None, api_key: str | None) -> RemoteOptions:
@@ -483,12 +488,27 @@ def show(
     if warning:
         render.print_note(env, warning)
     memory, available = estimate_memory(info, n_ctx), available_memory_bytes()
+    thinking = _thinking_of(info, ref)
     if json_output:
-        render.print_json(env, render.model_record(ref, info, memory, n_ctx, available))
+        render.print_json(env, render.model_record(ref, info, memory, n_ctx, available,
+                                                   thinking))
         return
-    render.print_fields(env, render.model_fields(ref, info, memory, n_ctx, available))
+    render.print_fields(env, render.model_fields(ref, info, memory, n_ctx, available, thinking))
     if info.chat_template:
         print(f"\nchat template:\n{render.terminal_safe(info.chat_template)}", file=env.stdout)
+
+
+def _thinking_of(info: Any, ref: Any) -> Any:
+    """Whether the model thinks, from its header's template and vocabulary or the catalog."""
+    from localchat.engine import templates
+
+    try:
+        template = templates.choose_template(info.chat_template, info.architecture,
+                                             info.special_tokens)
+    except LocalchatError:
+        template = templates.ChatTemplate("none", "none", None)
+    spec = getattr(ref, "spec", None)
+    return templates.thinking_of(template, info.special_tokens, spec.thinking if spec else None)
 
 
 @app.command()

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 from localchat.engine.loader import open_engine
 from localchat.engine.local import EngineOptions
 from localchat.engine.protocol import Sampling
+from localchat.engine.reasoning import REASONING
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import (
     Environment,
     PlainStream,
+    ThinkingView,
     context_note,
     format_stats,
     print_json,
@@ -39,6 +41,7 @@ class Request:
     verbose: bool = False
     remote: RemoteOptions | None = None  # --endpoint: an OpenAI-compatible server instead
     history: bool = False  # record the exchange in the history database
+    show_thinking: bool = False  # --show-thinking: a thinking model's thinking on stderr
 
 
 def compose_prompt(piped: str | None, prompt: str | None) -> str:
@@ -69,21 +72,33 @@ def run_once(request: Request, env: Environment) -> int:
     messages.append({"role": "user", "content": text})
     recording = start_recording(request, env, text) if request.history else None
     sink = None if request.json_output else PlainStream(env.stdout)
+    thinking = ThinkingView(env, request.show_thinking and not request.json_output) \
+        if not request.json_output else None
     pieces: list[str] = []
+    thoughts: list[str] = []
     failure: LocalchatError | None = None
-    stream = engine.stream(messages, request.sampling)
+    stream = engine.stream_parts(messages, request.sampling)
     try:
-        for piece in stream:
-            pieces.append(piece)
+        for part in stream:
+            if part.kind == REASONING:
+                thoughts.append(part.text)
+                if thinking:
+                    thinking.feed(part.text, part.tokens)
+                continue
+            if thinking:
+                thinking.finish()
+            pieces.append(part.text)
             if sink:
-                sink.feed(piece)
+                sink.feed(part.text)
     except KeyboardInterrupt:
         stream.close()
     except LocalchatError as exc:  # a remote stream that broke off: keep what arrived
         failure = exc
+    if thinking:
+        thinking.finish()
     stats = engine.last_stats
     if recording:
-        finish_recording(recording, env, "".join(pieces), stats)
+        finish_recording(recording, env, "".join(pieces), stats, "".join(thoughts))
     if sink:
         sink.finish()
     if stats is None or (failure is not None and not pieces):
@@ -91,14 +106,24 @@ def run_once(request: Request, env: Environment) -> int:
             raise failure
         return ExitStatus.INTERRUPTED  # interrupted before the prompt was even tokenized
     if request.json_output:  # what arrived, marked interrupted, as with Ctrl-C
-        print_json(env, stats_record("".join(pieces), engine.info, stats, request.model))
+        print_json(env, stats_record("".join(pieces), engine.info, stats, request.model,
+                                     "".join(thoughts)))
     elif failure is None and (request.verbose or stats.finish_reason == "interrupted"):
         print_note(env, format_stats(engine.info, stats))
     if failure is not None:
         raise failure  # then the one-line error on stderr, exit 1
     if stats.finish_reason == "context":
         print_note(env, context_note(engine.info, stats))
+    if stats.finish_reason == "thinking" and not request.json_output:
+        print_note(env, thinking_note(stats))
     return ExitStatus.INTERRUPTED if stats.finish_reason == "interrupted" else ExitStatus.OK
+
+
+def thinking_note(stats: GenerationStats) -> str:
+    """Why there is no answer: the tokens ran out while the model was still thinking."""
+    return (f"note: the model was still thinking when the reply reached its limit "
+            f"({stats.reasoning_tokens} of {stats.completion_tokens} tokens were thinking): no "
+            "answer; raise --max-tokens (it counts the thinking too) or set --think-budget")
 
 
 # Recording the exchange in the history: the user's message is committed before generation, the
@@ -135,11 +160,12 @@ def start_recording(request: Request, env: Environment, text: str) -> Recording 
 
 
 def finish_recording(recording: Recording, env: Environment, reply: str,
-                     stats: GenerationStats | None) -> None:
-    """Commit the reply with its token count and timings, then close the history."""
+                     stats: GenerationStats | None, reasoning: str = "") -> None:
+    """Commit the reply (its thinking apart) with its token count and timings, then close the
+    history."""
     try:
         recording.store.add_message(
-            recording.conversation_id, "assistant", reply,
+            recording.conversation_id, "assistant", reply, reasoning=reasoning or None,
             token_count=stats.completion_tokens if stats else None,
             timings=asdict(stats) if stats else None,
             interrupted=stats is None or stats.finish_reason == "interrupted",

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # for annotations only: the CLI imports this module for --hel
     from datetime import datetime
 
     from localchat.engine.protocol import EngineInfo, GenerationStats
+    from localchat.engine.reasoning import Thinking
     from localchat.history.records import MessageRecord
     from localchat.models.catalog import ModelRef
     from localchat.models.gguf_reader import MemoryEstimate, ModelInfo
@@ -103,6 +104,96 @@ class PlainStream:
     close = finish
 
 
+class ThinkingView:
+    """A reply's thinking while it streams, apart from the answer.
+
+    "fold" (the answer goes to a terminal): the thinking streams dimmed, no markdown, its last
+    lines in view, and folds to one line when the answer begins ("thought for 12.3 s, 340
+    tokens"). "show" (--show-thinking): it streams on stderr, dimmed on a terminal, and stays.
+    "hide" (a pipe): nothing; the caller keeps the text for --json and the history.
+    """
+
+    def __init__(self, env: Environment, show: bool = False, hint: str = "",
+                 console: Any = None) -> None:
+        self.mode = "show" if show else "fold" if env.stdout_isatty else "hide"
+        self._env, self._hint, self._console = env, hint, console
+        self._started: float | None = None
+        self._text: list[str] = []
+        self._tokens = 0
+        self._live: Any = None
+        self._shown_at = 0.0
+        self._at_line_start = True
+        self.done = False
+        self.seconds = 0.0  # how long the thinking took, once finished
+
+    def feed(self, text: str, tokens: int = 0) -> None:
+        """A piece of thinking; `tokens` is the count so far when the engine knows it."""
+        import time
+
+        if self._started is None:
+            self._started = time.perf_counter()
+        self._tokens = tokens or self._tokens + 1
+        self._text.append(text)
+        if self.mode == "show" and text:
+            self._env.stderr.write(_style(self._env, text, "2"))
+            self._env.stderr.flush()
+            self._at_line_start = text.endswith("\n")
+        elif self.mode == "fold" and time.perf_counter() - self._shown_at > 0.05:
+            self._show_tail()
+
+    def finish(self) -> None:
+        """The thinking is over (the answer begins, or the reply ended): fold it; safe to repeat."""
+        import time
+
+        if self.done or self._started is None:
+            return
+        self.done = True
+        self.seconds = seconds = time.perf_counter() - self._started
+        if self.mode == "show":
+            if not self._at_line_start:
+                self._env.stderr.write("\n")
+            self._env.stderr.flush()
+        elif self.mode == "fold":
+            if self._live is not None:
+                self._live.stop()
+            line = f"thought for {seconds:.1f} s, {self._tokens} tokens"
+            print(_style_stdout(self._env, line + (f"; {self._hint}" if self._hint else ""),
+                                "2"), file=self._env.stdout, flush=True)
+
+    def _show_tail(self) -> None:
+        import time
+
+        from rich.live import Live
+        from rich.text import Text
+
+        if self._live is None:
+            if self._console is None:
+                from rich.console import Console
+
+                self._console = Console(file=self._env.stdout,
+                                        no_color=bool(os.environ.get("NO_COLOR")))
+            self._live = Live(console=self._console, transient=True, auto_refresh=False,
+                              vertical_overflow="crop")
+            self._live.start()
+        width, height = self._console.width or 80, max((self._console.height or 24) - 3, 1)
+        assert self._started is not None
+        rows, lines = 0, []
+        for line in reversed("".join(self._text)[-8000:].split("\n")):
+            rows += max(1, -(-len(line) // width))
+            if rows > height:
+                break
+            lines.append(line)
+        elapsed = time.perf_counter() - self._started
+        self._live.update(Text(f"thinking... {elapsed:.1f} s, {self._tokens} tokens\n"
+                               + "\n".join(reversed(lines)), style="dim"), refresh=True)
+        self._shown_at = time.perf_counter()
+
+
+def _style_stdout(env: Environment, text: str, code: str) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if env.stdout_isatty and not os.environ.get(
+        "NO_COLOR") else text
+
+
 def _style(env: Environment, text: str, code: str) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if env.stderr_color else text
 
@@ -153,7 +244,9 @@ def format_stats(load: EngineInfo | None, stats: GenerationStats) -> str:
         f"first token {stats.ttft_s * 1000:.0f} ms",
         f"prompt {stats.prompt_tokens} tok ({stats.cached_tokens} cached), "
         f"prefill {format_rate(stats.prefill_tokens_per_s)}",
-        f"reply {stats.completion_tokens} tok, decode {format_rate(stats.decode_tokens_per_s)}",
+        f"reply {stats.completion_tokens} tok"
+        + (f" ({stats.reasoning_tokens} thinking)" if stats.reasoning_tokens else "")
+        + f", decode {format_rate(stats.decode_tokens_per_s)}",
         f"finish {stats.finish_reason}",
     ]
     if stats.tokens_estimated:
@@ -162,16 +255,19 @@ def format_stats(load: EngineInfo | None, stats: GenerationStats) -> str:
 
 
 def stats_record(text: str, load: EngineInfo | None, stats: GenerationStats,
-                 model: str) -> dict[str, Any]:
-    """The `--json` object for one reply: text, finish reason, token counts, timings."""
+                 model: str, reasoning: str = "") -> dict[str, Any]:
+    """The `--json` object for one reply: the answer, the thinking apart, finish reason, token
+    counts (completion_tokens counts both parts), timings."""
     return {
         "model": model,
         "text": text,
+        "reasoning": reasoning,
         "finish_reason": stats.finish_reason,
         "prompt_tokens": stats.prompt_tokens,
         "cached_prompt_tokens": stats.cached_tokens,
         "completion_tokens": stats.completion_tokens,
         "tokens_estimated": stats.tokens_estimated,  # True only when a server sent no usage
+        "reasoning_tokens": stats.reasoning_tokens,
         "load_s": round(load.load_s, 4) if load is not None else None,
         "ttft_s": round(stats.ttft_s, 4),
         "prefill_s": round(stats.prefill_s, 4),
@@ -444,7 +540,8 @@ def print_fields(env: Environment, fields: list[tuple[str, str]]) -> None:
 
 
 def model_fields(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: int,
-                 available: int | None) -> list[tuple[str, str]]:
+                 available: int | None, thinking: Thinking | None = None
+                 ) -> list[tuple[str, str]]:
     """What `localchat show` prints: identity, shape, and whether it fits in memory."""
     spec = getattr(ref, "spec", None)
     fields = [("name", ref.name), ("path", str(info.path)),
@@ -459,6 +556,7 @@ def model_fields(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: 
         ("trained context", f"{info.context_length:,}" if info.context_length else "-"),
         ("license", info.license or (spec.license if spec else None) or "-"),
         ("chat template", "in the file" if info.chat_template else "none (chosen at load)"),
+        ("thinks", thinking.describe() if thinking else "no"),
     ]
     need = f"{format_bytes(memory.total_bytes)} at ctx {n_ctx:,} (weights " \
            f"{format_bytes(memory.weights_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)})"
@@ -470,7 +568,7 @@ def model_fields(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: 
 
 
 def model_record(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: int,
-                 available: int | None) -> dict[str, Any]:
+                 available: int | None, thinking: Thinking | None = None) -> dict[str, Any]:
     """What `localchat show --json` prints: the same facts as `model_fields`, as data."""
     spec = getattr(ref, "spec", None)
     return {
@@ -487,6 +585,10 @@ def model_record(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: 
             "fits": memory.total_bytes < available if available is not None else None,
         },
         "chat_template": info.chat_template,
+        "thinking": None if thinking is None else {
+            "open": thinking.family.open, "close": thinking.family.close,
+            "source": thinking.source, "switch": thinking.switch,
+            "opened_by_prompt": thinking.opened_by_prompt},
     }
 
 
@@ -508,5 +610,10 @@ def print_transcript(env: Environment, messages: Sequence[MessageRecord]) -> Non
     for message in messages:
         label = f"{message.role}:" + (" (interrupted)" if message.interrupted else "")
         print(f"\x1b[1m{label}\x1b[0m" if bold else label, file=env.stdout)
+        if message.reasoning:
+            thought = "\n".join(f"  | {line}".rstrip() for line in
+                                message.reasoning.rstrip("\n").splitlines())
+            thought = f"  (thinking)\n{terminal_safe(thought) if terminal else thought}"
+            print(f"\x1b[2m{thought}\x1b[0m" if bold else thought, file=env.stdout)
         text = message.content.rstrip("\n")
         print(terminal_safe(text) if terminal else text, end="\n\n", file=env.stdout)

@@ -89,3 +89,12 @@ def as_unprivileged_user():
 def python_exe() -> str:
     """The interpreter running the tests, for subprocess runs of `python -m localchat`."""
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def thinking_models(smollm2_path, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the test model with thinking models' real chat templates (built once a session;
+    see tests/thinking_models.py): "r1", "r1-text", "r1-old", "qwen3"."""
+    from tests.thinking_models import make_copies
+
+    return make_copies(smollm2_path, tmp_path_factory.mktemp("thinking-models"))

@@ -45,11 +45,33 @@ def mode(path: Path) -> int:
 # Opening, migrations, files
 
 
+def test_a_version_1_database_gains_the_reasoning_column_and_keeps_its_messages(tmp_path):
+    db = tmp_path / "history.db"
+    raw = sqlite3.connect(db)
+    for statement in history_db.MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute("INSERT INTO conversations (model, created_at, updated_at) VALUES ('m', 0, 0)")
+    raw.execute("INSERT INTO messages (conversation_id, role, content, created_at)"
+                " VALUES (1, 'assistant', 'old answer', 0)")
+    raw.commit()
+    raw.close()
+    with open_history(db) as store:
+        assert [(m.content, m.reasoning) for m in store.messages(1)] == [("old answer", None)]
+        store.add_message(1, "user", "Is 391 prime?")
+        store.add_message(1, "assistant", "No: 17 x 23.", reasoning="Try 17: 17 x 23 = 391.")
+        assert store.messages(1)[-1].reasoning == "Try 17: 17 x 23 = 391."
+        markdown = store.export_conversation(1, "md")
+        assert "> **Thinking**\n>\n> Try 17: 17 x 23 = 391.\n\nNo: 17 x 23." in markdown
+        exported = json.loads(store.export_conversation(1, "json"))
+        assert exported["messages"][-1]["reasoning"] == "Try 17: 17 x 23 = 391."
+
+
 def test_a_new_database_lives_in_the_data_dir_in_wal_mode_at_the_latest_schema():
     with open_history() as store:
         assert store.path == paths.data_dir() / "history.db"
     raw = sqlite3.connect(paths.data_dir() / "history.db")
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION == 1
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION == 2
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
     assert {"conversations", "messages", "messages_fts", "snapshots"} <= names
@@ -62,11 +84,12 @@ def test_migrations_run_once_each_and_a_failing_one_changes_nothing(tmp_path, mo
         kept = store.create_conversation("smollm2", name="kept")
     step_two = ("CREATE TABLE extra (x)", "INSERT INTO extra VALUES (1)")
     monkeypatch.setattr(history_db, "MIGRATIONS", [*history_db.MIGRATIONS, step_two])
-    for _ in range(2):  # the second open must not run step two again
+    latest = history_db.SCHEMA_VERSION + 1
+    for _ in range(2):  # the second open must not run the new step again
         with open_history(db) as store:
             assert store.find_conversation("kept") == kept
     raw = sqlite3.connect(db)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == latest
     assert raw.execute("SELECT x FROM extra").fetchall() == [(1,)]
     raw.close()
 
@@ -75,7 +98,7 @@ def test_migrations_run_once_each_and_a_failing_one_changes_nothing(tmp_path, mo
     with pytest.raises(LocalchatError, match="no such table"):
         open_history(db)
     raw = sqlite3.connect(db)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == latest
     assert not raw.execute("SELECT * FROM sqlite_master WHERE name = 'half_done'").fetchall()
     raw.close()
 

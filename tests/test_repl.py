@@ -296,9 +296,9 @@ def test_ctrl_c_before_the_first_token_drops_the_message(fresh):
         def __getattr__(self, name):
             return getattr(fresh, name)
 
-        def stream(self, messages, sampling):
+        def stream_parts(self, messages, sampling):
             signal.raise_signal(signal.SIGINT)
-            yield from fresh.stream(messages, sampling)
+            yield from fresh.stream_parts(messages, sampling)
 
     result = chat(CtrlCWhenStreamStarts(), f"{QUESTION}\r/context\r")
     assert "interrupted before the reply began" in result.stderr

@@ -22,6 +22,9 @@ class Message:
     role: str
     content: str
     interrupted: bool = False
+    # A thinking model's thinking before this answer: kept and shown (/thinking), never sent
+    # back, as these models' templates drop earlier turns' thinking themselves.
+    reasoning: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("system", "user", "assistant"):
@@ -43,9 +46,10 @@ class Conversation:
         """This conversation with a user message appended."""
         return replace(self, messages=(*self.messages, Message("user", content)))
 
-    def add_assistant(self, content: str, interrupted: bool = False) -> Conversation:
+    def add_assistant(self, content: str, interrupted: bool = False,
+                      reasoning: str | None = None) -> Conversation:
         """This conversation with a reply appended; `interrupted` when the user stopped it."""
-        reply = Message("assistant", content, interrupted)
+        reply = Message("assistant", content, interrupted, reasoning or None)
         return replace(self, messages=(*self.messages, reply))
 
     def undo(self) -> Conversation:

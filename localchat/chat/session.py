@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
+from localchat.engine.reasoning import REASONING
 from localchat.errors import LocalchatError, UsageError
 from localchat.history.records import ConversationNotFound
 from localchat.history.snapshots import DEFAULT_CAP_BYTES
 from localchat.render import (
     Environment,
     PlainStream,
+    ThinkingView,
     context_note,
     format_rate,
     print_note,
@@ -66,6 +68,7 @@ class ChatSession:
         self.name: str | None = None  # the name a not-yet-saved conversation will get
         self.cache_is_current = False  # the KV cache holds this conversation (worth a snapshot)
         self.used_tokens = 0
+        self.thought_s = 0.0  # how long the last reply thought
         self._console: Console | None = None
 
     # --- a turn ---------------------------------------------------------------------------
@@ -88,36 +91,52 @@ class ChatSession:
         engine = self.engine
         before = engine.last_stats
         pieces: list[str] = []
+        thoughts: list[str] = []
         failure: LocalchatError | None = None
-        renderer = self._renderer()
-        stream = engine.stream(messages_for_model(self.conversation), self.sampling)
+        thinking = ThinkingView(self.env, hint="/thinking shows it", console=self._rich_console())
+        renderer = None
+        stream = engine.stream_parts(messages_for_model(self.conversation), self.sampling)
         try:
-            for piece in stream:
-                pieces.append(piece)
-                renderer.feed(piece)
+            for part in stream:
+                if part.kind == REASONING:
+                    thoughts.append(part.text)
+                    thinking.feed(part.text, part.tokens)
+                    continue
+                if renderer is None:  # the answer begins: the thinking folds to one line
+                    thinking.finish()
+                    renderer = self._renderer()
+                pieces.append(part.text)
+                renderer.feed(part.text)
         except KeyboardInterrupt:
             stream.close()
         except LocalchatError as exc:  # a remote stream that broke off: keep what arrived
             failure = exc
         finally:
-            renderer.finish()
+            thinking.finish()
+            if renderer is not None:
+                renderer.finish()
         self.cache_is_current = True
+        self.thought_s = thinking.seconds
         stats = engine.last_stats if engine.last_stats is not before else None
-        text = "".join(pieces)
+        text, reasoning = "".join(pieces), "".join(thoughts)
         interrupted = failure is not None or stats is None or stats.finish_reason == "interrupted"
-        if interrupted and not text:
+        if interrupted and not text and not reasoning:
             self.conversation = self.conversation.undo()
             self.with_history(lambda store, cid: store.delete_last_exchange(cid))
             if failure is None:
                 print_note(self.env, "interrupted before the reply began: the message was not "
                                      "kept (press Up to get it back)")
         else:
-            self.conversation = self.conversation.add_assistant(text, interrupted)
-            self.save_message("assistant", text, stats, interrupted)
+            self.conversation = self.conversation.add_assistant(text, interrupted, reasoning)
+            self.save_message("assistant", text, stats, interrupted, reasoning)
             if failure is None and interrupted:
                 print_note(self.env, "interrupted: the partial reply is kept")
             elif stats is not None and stats.finish_reason == "context":
                 print_note(self.env, context_note(engine.info, stats))
+            elif stats is not None and stats.finish_reason == "thinking":
+                print_note(self.env, "the reply ran out of tokens while still thinking: no "
+                                     "answer (/set max_tokens counts the thinking too; try "
+                                     "/think budget N)")
             self.env.stdout.write("\n")  # a blank line between exchanges
             self.env.stdout.flush()
         self.refresh_usage()
@@ -143,23 +162,43 @@ class ChatSession:
         stats = engine.last_stats
         rate = format_rate(stats.decode_tokens_per_s if stats else None)
         label = self.model.rstrip("/").rsplit("/", 1)[-1]  # a path's file name, a repo's name
-        return f" {label} · {self.used_tokens} / {engine.n_ctx} tokens · {rate}"
+        return f" {label} · {self.used_tokens} / {engine.n_ctx} tokens · {rate}" \
+               f"{self._thinking_status()}"
+
+    def _thinking_status(self) -> str:
+        """The toolbar's word on thinking: the switch, the budget, the last reply's thinking."""
+        if getattr(self.engine, "thinking", None) is None:
+            return ""
+        sampling, last = self.sampling, self.conversation.messages[-1:]
+        state = {True: "on", False: "off", None: "on"}[sampling.think]
+        budget = f", budget {sampling.think_budget}" if sampling.think_budget is not None else ""
+        stats = self.engine.last_stats
+        thought = f" · thought {self.thought_s:.1f} s, {stats.reasoning_tokens} tokens" if (
+            stats and stats.reasoning_tokens and last and last[0].reasoning) else ""
+        return f" · thinking {state}{budget}{thought}"
 
     def _renderer(self) -> PlainStream | MarkdownStream:
         if not (self.markdown and self.env.stdout_isatty):
             return PlainStream(self.env.stdout)
         from localchat.chat.markdown_stream import MarkdownStream
 
-        if self._console is None:
+        console = self._rich_console()
+        assert console is not None  # stdout is a terminal
+        return MarkdownStream(console)
+
+    def _rich_console(self) -> Console | None:
+        """One rich console for the chat's terminal (markdown, the thinking view); None in a
+        pipe."""
+        if self._console is None and self.env.stdout_isatty:
             from rich.console import Console
 
             self._console = Console(file=self.env.stdout)
-        return MarkdownStream(self._console)
+        return self._console
 
     # --- the history ----------------------------------------------------------------------
 
     def save_message(self, role: str, text: str, stats: GenerationStats | None = None,
-                     interrupted: bool = False) -> None:
+                     interrupted: bool = False, reasoning: str | None = None) -> None:
         """Commit one message, creating the conversation with the first; failures are a note.
 
         A conversation deleted meanwhile (`localchat history rm` in another terminal) is not an
@@ -169,7 +208,7 @@ class ChatSession:
             return
         try:
             try:
-                self._add_message(role, text, stats, interrupted)
+                self._add_message(role, text, stats, interrupted, reasoning)
             except ConversationNotFound:
                 if self.record is None:
                     raise
@@ -180,7 +219,7 @@ class ChatSession:
                                      if m.role == "user"), None)
                     if question is not None:
                         self._add_message("user", question.content)
-                self._add_message(role, text, stats, interrupted)
+                self._add_message(role, text, stats, interrupted, reasoning)
                 assert self.record is not None
                 print_note(self.env, f"note: conversation {gone} was deleted from the history; "
                                      f"this chat goes on as conversation {self.record.label}")
@@ -188,7 +227,7 @@ class ChatSession:
             self._history_failed(exc)
 
     def _add_message(self, role: str, text: str, stats: GenerationStats | None = None,
-                     interrupted: bool = False) -> None:
+                     interrupted: bool = False, reasoning: str | None = None) -> None:
         assert self.store is not None
         if self.record is None:
             self.record = self.store.create_conversation(
@@ -196,7 +235,8 @@ class ChatSession:
                 settings={"mode": "repl", **asdict(self.sampling)})
         self.store.add_message(
             self.record.id, role, text, token_count=stats.completion_tokens if stats else None,
-            timings=asdict(stats) if stats else None, interrupted=interrupted)
+            timings=asdict(stats) if stats else None, interrupted=interrupted,
+            reasoning=reasoning or None)
 
     def with_history(self, action: Callable[[HistoryStore, int], object]) -> None:
         """Apply a change to the saved conversation, if there is one; failures are a note."""
@@ -226,7 +266,8 @@ class ChatSession:
         assert self.store is not None
         stored = self.store.messages(record.id)
         self.conversation = Conversation(system=record.system_prompt, messages=tuple(
-            Message(m.role, m.content, m.interrupted) for m in stored if m.role != "system"))
+            Message(m.role, m.content, m.interrupted, m.reasoning)
+            for m in stored if m.role != "system"))
         self.record, self.name, self.cache_is_current = record, record.name, False
         turns = sum(message.role == "user" for message in self.conversation.messages)
         print_note(self.env, f"continuing conversation {record.label} ({turns} turn(s))" + (
@@ -247,6 +288,9 @@ class ChatSession:
             return
         from localchat.history.snapshots import save_snapshot
 
+        keep_for = getattr(self.engine, "keep_cache_for", None)
+        if keep_for is not None:  # a thinking model's last thinking is not what comes next
+            keep_for([*messages_for_model(self.conversation), {"role": "user", "content": "?"}])
         self._verbose_note(save_snapshot(self.engine, self.store, self.record.id,
                                          cap_bytes=self.options.snapshot_cap_bytes).note)
         self.cache_is_current = False

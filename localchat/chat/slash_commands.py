@@ -167,7 +167,47 @@ def _stats(chat: ChatSession, argument: str) -> bool:
         f"({format_rate(stats.prefill_tokens_per_s)})\n"
         f"first token after {stats.ttft_s * 1000:.0f} ms\n"
         f"reply     {stats.completion_tokens} tokens in {stats.decode_s:.2f} s "
-        f"({format_rate(stats.decode_tokens_per_s)}), finish {stats.finish_reason}\n")
+        f"({format_rate(stats.decode_tokens_per_s)}), finish {stats.finish_reason}\n"
+        + (f"thinking  {stats.reasoning_tokens} of the reply's tokens; "
+           f"answer {stats.completion_tokens - stats.reasoning_tokens}\n"
+           if stats.reasoning_tokens else ""))
+    return True
+
+
+def _think(chat: ChatSession, argument: str) -> bool:
+    """/think on|off, /think budget N|none; alone: where thinking stands."""
+    words = argument.lower().split()
+    thinking = getattr(chat.engine, "thinking", None)
+    if not words:
+        sampling = chat.sampling
+        state = {True: "on", False: "off", None: "the model's default"}[sampling.think]
+        budget = "none" if sampling.think_budget is None else sampling.think_budget
+        what = thinking.describe() if thinking else "this model does not seem to think"
+        print_note(chat.env, f"thinking {state}, budget {budget}; {what}")
+        return True
+    if words[0] in ("on", "off") and len(words) == 1:
+        value = words[0] == "on"
+        if not value and thinking is not None and thinking.switch is None:
+            raise UsageError("this model cannot switch its thinking off: its chat template has "
+                             "no switch", "/think budget 0 makes it answer at once")
+        _set(chat, f"think {words[0]}")
+    elif words[0] == "budget" and len(words) == 2:
+        _set(chat, f"think_budget {words[1]}")
+    else:
+        raise UsageError(f"usage: /think on|off, or /think budget N (got {argument[:40]!r})",
+                         "/think budget none removes the budget")
+    return True
+
+
+def _thinking(chat: ChatSession, argument: str) -> bool:
+    """The last reply's thinking, in full."""
+    last = next((m for m in reversed(chat.conversation.messages) if m.role == "assistant"),
+                None)
+    if last is None or not last.reasoning:
+        print_note(chat.env, "the last reply had no thinking" if last else "no reply yet")
+        return True
+    text = last.reasoning.rstrip("\n")
+    chat.env.stdout.write((terminal_safe(text) if chat.env.stdout_isatty else text) + "\n")
     return True
 
 
@@ -252,6 +292,9 @@ COMMANDS: dict[str, Command] = {
     "/context": Command("/context", "tokens used in the context window", _context),
     "/stats": Command("/stats", "the last reply: timings, prompt tokens reused and processed",
                       _stats),
+    "/think": Command("/think on|off, /think budget N", "a thinking model's thinking: switch "
+                      "it, or cap it at N tokens", _think),
+    "/thinking": Command("/thinking", "show the last reply's thinking in full", _thinking),
     "/model": Command("/model NAME", "switch to another model, keep the conversation", _model),
     "/save": Command("/save NAME", "name this conversation, to resume it later", _save),
     "/load": Command("/load NAME", "continue a saved conversation", _load),
@@ -289,6 +332,8 @@ def _first_arguments(chat: ChatSession, command: str) -> list[str]:
         return slash_settings()
     if command == "/model":
         return _model_names()
+    if command == "/think":
+        return ["on", "off", "budget"]
     if command == "/load" and chat.store is not None:
         try:
             return [s.name for s in chat.store.list_conversations(100) if s.name]

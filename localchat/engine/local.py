@@ -13,15 +13,17 @@ import ctypes
 import functools
 import os
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localchat import settings
-from localchat.engine import templates
+from localchat.engine import kv_reuse, reasoning, templates
 from localchat.engine.prompt_tokens import PromptTokenizer
-from localchat.engine.protocol import GenerationStats, Sampling
+from localchat.engine.protocol import GenerationStats, Sampling, answer_only
+from localchat.engine.reasoning import REASONING, Family, Part, Thinking
+from localchat.engine.reply_text import ReplyText
 from localchat.engine.runtime import (
     compiled_backend,
     deferred_interrupts,
@@ -61,6 +63,7 @@ class EngineOptions:
     verbose: bool = False
     batch_size: int = 512
     flash_attn: bool = True  # llama.cpp's default too: faster prefill and early decode on CPU
+    thinking: str | None = None  # the catalog's thinking family, for files that do not say
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], model_path: Path,
@@ -108,7 +111,9 @@ class _Cursor:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str = "interrupted"
-    pending: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0
+    thought: int = 0  # tokens inside the block since it opened, for the budget
+    answer_at: int | None = None  # where the answer starts in the KV cache
 
 
 class LocalEngine:
@@ -164,18 +169,30 @@ class LocalEngine:
             chat_format_source=self.template.source, use_mmap=options.use_mmap,
             flash_attn=options.flash_attn,
         )
+        self.thinking: Thinking | None = templates.thinking_of(
+            self.template, model_info.special_tokens, options.thinking, self._bos_text,
+            self._eos_text)
         self.last_stats: GenerationStats | None = None
+        self._last_reply: kv_reuse.LastReply | None = None  # for reuse past dropped thinking
 
-    def format_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    def format_prompt(self, messages: Sequence[dict[str, str]], think: bool | None = None) -> str:
         """The chat template applied to `messages`, ending where the assistant's reply starts."""
-        return templates.render(self.template, messages, self._bos_text, self._eos_text)
+        return templates.render(self.template, messages, self._bos_text, self._eos_text,
+                                think=think)
 
-    def tokenize_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def tokenize_messages(self, messages: Sequence[dict[str, str]],
+                          think: bool | None = None) -> list[int]:
         """Tokens of the formatted prompt, one BOS at most; control tokens come from the
         template's own text only, never from a message's content (see prompt_tokens)."""
+        return self._tokenize_pieces(self._prompt_pieces(messages, think))
+
+    def _prompt_pieces(self, messages: Sequence[dict[str, str]],
+                       think: bool | None) -> list[tuple[str, bool]]:
         self._check_open()
-        pieces = templates.render_pieces(self.template, messages, self._bos_text,
-                                         self._eos_text)
+        return templates.render_pieces(self.template, messages, self._bos_text,
+                                       self._eos_text, think=think)
+
+    def _tokenize_pieces(self, pieces: list[tuple[str, bool]]) -> list[int]:
         add_bos = not (self._bos_text and pieces and pieces[0][0].startswith(self._bos_text)
                        and not pieces[0][1])
         return self._tokenizer.tokenize_pieces(pieces, add_special=add_bos)
@@ -191,53 +208,82 @@ class LocalEngine:
 
     def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling
                ) -> Generator[str, None, None]:
-        """Yield the reply as text pieces; `last_stats` is set when the generator ends."""
-        return self._stream(lambda: self.tokenize_messages(messages), sampling, chat=True)
+        """Yield the reply's answer as text pieces; `last_stats` is set when it ends."""
+        return answer_only(self.stream_parts(messages, sampling))
+
+    def stream_parts(self, messages: Sequence[dict[str, str]], sampling: Sampling
+                     ) -> Generator[Part, None, None]:
+        """Yield the reply as parts, thinking apart from the answer; `last_stats` is set when
+        the generator ends."""
+        thinking = self.thinking
+        if sampling.think is False and thinking is not None and thinking.switch is None:
+            raise UsageError(
+                "this model cannot switch its thinking off: its chat template has no "
+                f"switch ({', '.join(reasoning.SWITCHES)})",
+                "use --think-budget 0 (/think budget 0 in the chat) to make it answer at once")
+
+        def tokenize() -> tuple[list[int], bool]:
+            pieces = self._prompt_pieces(messages, sampling.think)
+            text = "".join(piece for piece, _ in pieces)
+            inside = thinking is not None and reasoning.opens_block(text, thinking.family)
+            return self._tokenize_pieces(pieces), inside
+
+        return self._stream(tokenize, sampling, chat=True)
 
     def stream_text(self, prompt: str, sampling: Sampling) -> Generator[str, None, None]:
         """Continue raw text with no chat template (`/v1/completions`, base models)."""
         # special=True: a raw prompt may spell out a template's tokens, as llama-server allows
-        return self._stream(
-            lambda: self._tokenizer.tokenize(prompt.encode("utf-8"), add_special=True,
-                                             parse_special=True),
-            sampling, chat=False)
+        return answer_only(self._stream(
+            lambda: (self._tokenizer.tokenize(prompt.encode("utf-8"), add_special=True,
+                                              parse_special=True), False),
+            sampling, chat=False))
 
-    def _stream(self, tokenize: Callable[[], list[int]], sampling: Sampling,
-                chat: bool) -> Generator[str, None, None]:
+    def _stream(self, tokenize: Callable[[], tuple[list[int], bool]], sampling: Sampling,
+                chat: bool) -> Generator[Part, None, None]:
         self._check_open()
         sampling.validate()
         cursor = _Cursor(started=time.perf_counter())
-        tokens = tokenize()
+        tokens, inside = tokenize()
         cursor.prompt_tokens = len(tokens)
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(tokens)} tokens but the context window is {self.n_ctx}",
                 context_hint(self.n_ctx, self.info.n_ctx_train, "shorten the input"),
             )
-        return self._generate(tokens, sampling, cursor, chat)
+        return self._generate(tokens, sampling, cursor, chat, inside)
 
     def _generate(self, tokens: list[int], sampling: Sampling, cursor: _Cursor,
-                  chat: bool) -> Generator[str, None, None]:
+                  chat: bool, inside: bool) -> Generator[Part, None, None]:
         try:
-            yield from self._decode(tokens, sampling, cursor, chat)
+            yield from self._decode(tokens, sampling, cursor, chat, inside)
         finally:
             self.last_stats = self._stats(cursor)
+            self._last_reply = kv_reuse.LastReply(cursor.prompt_tokens, cursor.answer_at)
 
     def _decode(self, tokens: list[int], sampling: Sampling, cursor: _Cursor,
-                chat: bool) -> Iterator[str]:
+                chat: bool, inside: bool) -> Generator[Part, None, None]:
         llama = self._llama
         cursor.cached_tokens = self._reuse_prefix(tokens)
         sampler = self._sampler(sampling)
-        stops = tuple(sampling.stop) + (self.template.stops if chat else ())
+        family = self.thinking.family if chat and self.thinking else None
+        reply = ReplyText(tuple(sampling.stop) + (self.template.stops if chat else ()),
+                          family, inside, strip_leading=chat)
         # A character split across tokens waits for its last byte; one cut off by the end of
         # the reply is dropped, never shown as U+FFFD (invalid bytes mid-reply still are).
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        held = ""  # text that might be the start of a stop string
-        leading = chat  # a chat reply starts at its first visible character
         prefill_started = time.perf_counter()
         llama.eval(tokens[cursor.cached_tokens:])
         cursor.prefill_s = time.perf_counter() - prefill_started
         while True:
+            budget = sampling.think_budget
+            if budget is not None and reply.thinking and cursor.thought >= budget:
+                assert family is not None  # only a thinking model's reply can be thinking
+                decoder.reset()  # a character cut by the budget is dropped, as at the end
+                if not self._close_thinking(family, sampler, cursor,
+                                            sampling.max_tokens or self.n_ctx):
+                    cursor.finish_reason = "length"
+                    break
+                yield from reply.feed(family.close_text)
             token = sampler.sample(llama._ctx, -1)
             now = time.perf_counter()
             cursor.first_token_at = cursor.first_token_at or now
@@ -246,20 +292,19 @@ class LocalEngine:
                 break
             cursor.last_token_at = now  # the end-of-turn token is not part of the reply
             cursor.completion_tokens += 1
-            text = held + decoder.decode(self._piece(token))
-            if leading:
-                text = text.lstrip(" ")
-                leading = not text
-            cut = _find_stop(text, stops)
-            if cut is not None:
-                if text[:cut]:
-                    yield text[:cut]
+            was_thinking = reply.thinking
+            parts = reply.feed(decoder.decode(self._piece(token)))
+            if was_thinking or reply.thinking:
+                cursor.reasoning_tokens += 1
+                cursor.thought += was_thinking and reply.thinking
+                if not reply.thinking:  # this token closed the block; the answer comes next
+                    cursor.answer_at = llama.n_tokens + 1
+            for part in parts:
+                yield Part(REASONING, part.text, cursor.reasoning_tokens) \
+                    if part.kind == REASONING else part
+            if reply.stopped:
                 cursor.finish_reason = "stop"
                 break
-            keep = _stop_prefix_length(text, stops)
-            held = text[len(text) - keep:] if keep else ""
-            if text[: len(text) - keep]:
-                yield text[: len(text) - keep]
             if sampling.max_tokens and cursor.completion_tokens >= sampling.max_tokens:
                 cursor.finish_reason = "length"
                 break
@@ -267,24 +312,16 @@ class LocalEngine:
                 cursor.finish_reason = "context"
                 break
             llama.eval([token])
-        if held and cursor.finish_reason != "stop":
-            yield held
+        if cursor.finish_reason in ("length", "context") and reply.thinking:
+            cursor.finish_reason = "thinking"  # out of tokens before the answer began
+        if not reply.stopped:
+            yield from reply.finish()
 
     def _reuse_prefix(self, tokens: list[int]) -> int:
-        """Keep the KV cache of the longest shared prefix; return how many tokens it covers."""
-        llama = self._llama
-        cached = llama.input_ids[: llama.n_tokens].tolist()
-        shared = 0
-        for old, new in zip(cached, tokens, strict=False):
-            if old != new:
-                break
-            shared += 1
-        shared = min(shared, len(tokens) - 1)  # the last prompt token must be evaluated for logits
-        if shared > 0 and llama._ctx.kv_cache_seq_rm(-1, shared, -1):
-            llama.n_tokens = shared
-            return shared
-        llama.reset()
-        return 0
+        """Keep the KV cache of what `tokens` shares with it; return how many tokens it covers."""
+        last, self._last_reply = self._last_reply, None
+        can_shift = bool(self._llama_cpp.llama_memory_can_shift(self._llama._ctx.memory))
+        return kv_reuse.reuse(self._llama, tokens, last, can_shift)
 
     @functools.cached_property
     def _end_of_generation_tokens(self) -> tuple[int, ...]:
@@ -328,6 +365,23 @@ class LocalEngine:
             self._pieces[token] = piece
         return piece
 
+    def _close_thinking(self, family: Family, sampler: Any, cursor: _Cursor,
+                        limit: int) -> bool:
+        """The thinking budget is spent: evaluate the closing marker's tokens as if the model had
+        written them, so that it answers next. False when no room is left for an answer."""
+        closing = self._llama.tokenize(family.close_text.encode("utf-8"), add_bos=False,
+                                       special=True)
+        room = min(limit - cursor.completion_tokens, self.n_ctx - 1 - self._llama.n_tokens)
+        if len(closing) >= room:
+            return False
+        self._llama.eval(closing)
+        for token in closing:
+            sampler.accept(token)  # as a sampled token is, for the repeat penalties
+        cursor.completion_tokens += len(closing)
+        cursor.reasoning_tokens += len(closing)
+        cursor.answer_at = self._llama.n_tokens
+        return True
+
     @staticmethod
     def _stats(cursor: _Cursor) -> GenerationStats:
         first = cursor.first_token_at
@@ -339,11 +393,18 @@ class LocalEngine:
             prefill_s=cursor.prefill_s,
             decode_s=(cursor.last_token_at - first) if first and cursor.last_token_at else 0.0,
             finish_reason=cursor.finish_reason,
+            reasoning_tokens=cursor.reasoning_tokens,
         )
+
+    def keep_cache_for(self, messages: Sequence[dict[str, str]]) -> None:
+        """Keep only the KV cache a prompt for `messages` would reuse: before a snapshot, so
+        that it holds the last answer without the thinking the template will drop."""
+        self._reuse_prefix(self.tokenize_messages(messages))
 
     def reset_cache(self) -> None:
         """Forget the KV cache, so the next prompt is evaluated from its first token."""
         self._llama.reset()
+        self._last_reply = None
 
     def export_state(self) -> tuple[list[int], bytearray]:
         """The tokens in the KV cache and llama.cpp's serialized cache of them, for a snapshot."""
@@ -368,6 +429,7 @@ class LocalEngine:
             raise EngineError(f"a saved state of {len(tokens)} tokens does not fit n_ctx "
                               f"{self.n_ctx}")
         llama.reset()
+        self._last_reply = None
         array = ctypes.c_uint8 * len(data)
         try:
             view = array.from_buffer(data)  # no copy; ctypes insists on a writable buffer
@@ -410,19 +472,3 @@ def context_warning(n_ctx: int | None, n_ctx_train: int | None) -> str | None:
         return None
     return (f"warning: --ctx {n_ctx} is beyond this model's trained length ({n_ctx_train}); "
             "llama.cpp runs it, but replies usually get worse past that length")
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    positions = [text.find(stop) for stop in stops if stop and stop in text]
-    return min(positions) if positions else None
-
-
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that could begin a stop string."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-size:]):
-                longest = size
-                break
-    return longest

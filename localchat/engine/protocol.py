@@ -2,7 +2,8 @@
 
 Two implementations: `local.LocalEngine` (llama.cpp in this process) and `remote.RemoteEngine`
 (any OpenAI-compatible server). The request side (`Sampling`) and the accounting side
-(`GenerationStats`) are shared by both.
+(`GenerationStats`) are shared by both. A reply streams as `Part`s, thinking apart from the
+answer (`stream_parts`); `stream` gives the answer alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from localchat import settings
+from localchat.engine.reasoning import ANSWER, Part, Thinking
 from localchat.errors import UsageError
 
 
@@ -30,6 +32,8 @@ class Sampling:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    think: bool | None = None  # None: the template's default (thinking models think)
+    think_budget: int | None = None  # tokens of thinking before the closing marker is inserted
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> Sampling:
@@ -55,9 +59,11 @@ class GenerationStats:
     ttft_s: float  # from the call to the first generated token
     prefill_s: float  # evaluating the new prompt tokens
     decode_s: float  # from the first generated token to the last
-    # stop | length (max_tokens) | context (the window is full) | interrupted
+    # stop | length (max_tokens) | context (the window is full) | interrupted | thinking (a
+    # token limit ended the reply inside its thinking block: no answer)
     finish_reason: str
     tokens_estimated: bool = False  # a remote server sent no usage: the counts are our estimate
+    reasoning_tokens: int = 0  # of completion_tokens, those inside the thinking block
 
     @property
     def prefill_tokens(self) -> int:
@@ -107,7 +113,22 @@ class Engine(Protocol):
     def info(self) -> EngineInfo: ...
     @property
     def n_ctx(self) -> int: ...
+    @property
+    def thinking(self) -> Thinking | None: ...
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int: ...
     def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling
                ) -> Generator[str, None, None]: ...
+    def stream_parts(self, messages: Sequence[dict[str, str]], sampling: Sampling
+                     ) -> Generator[Part, None, None]: ...
     def close(self) -> None: ...
+
+
+def answer_only(parts: Generator[Part, None, None]) -> Generator[str, None, None]:
+    """The answer's text of a reply's parts: `Engine.stream` for callers that show no thinking.
+    Closing this generator closes `parts` (which stops the decode loop at once)."""
+    try:
+        for part in parts:
+            if part.kind == ANSWER:
+                yield part.text
+    finally:
+        parts.close()

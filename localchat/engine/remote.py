@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 from localchat import __version__
 from localchat.engine.local import DEFAULT_CONTEXT
-from localchat.engine.protocol import GenerationStats, Sampling
+from localchat.engine.protocol import GenerationStats, Sampling, answer_only
+from localchat.engine.reasoning import REASONING, Part, Splitter, Thinking, family_named
 from localchat.errors import EngineError, UsageError
 
 API_KEY_ENV = "LOCALCHAT_API_KEY"
@@ -107,6 +108,7 @@ class _Progress:
     last_at: float | None = None
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    reasoning: int = 0  # pieces of thinking
 
     def stats(self, estimated_prompt_tokens: int) -> GenerationStats:
         """Counts from the server's `usage` where it sent one, times from our clock."""
@@ -125,7 +127,14 @@ class _Progress:
             decode_s=(self.last_at - self.first_at) if self.first_at and self.last_at else 0.0,
             finish_reason=self.finish_reason or "interrupted",
             tokens_estimated=not counted,  # ~4 characters a prompt token, a piece a reply token
+            reasoning_tokens=_count(_reasoning_tokens(usage), self.reasoning),
         )
+
+
+def _reasoning_tokens(usage: dict[str, Any]) -> Any:
+    """OpenAI's count of thinking tokens, in `usage.completion_tokens_details`."""
+    details = usage.get("completion_tokens_details")
+    return details.get("reasoning_tokens") if isinstance(details, dict) else None
 
 
 def _tokens(pieces: int) -> str:
@@ -177,9 +186,20 @@ class RemoteEngine:
         return 3 + sum(4 + math.ceil(len(m.get("content") or "") / CHARS_PER_TOKEN)
                        for m in messages)
 
+    # The server's template decides whether the model thinks; what it says comes apart in
+    # `reasoning_content` (llama-server, DeepSeek, localchat serve) or inside the content.
+    thinking: Thinking | None = None
+
     def stream(self, messages: Sequence[dict[str, str]], sampling: Sampling
                ) -> Generator[str, None, None]:
-        """Yield the reply as the server streams it; `last_stats` is set however it ends.
+        """Yield the reply's answer as the server streams it; `last_stats` is set when it ends."""
+        return answer_only(self.stream_parts(messages, sampling))
+
+    def stream_parts(self, messages: Sequence[dict[str, str]], sampling: Sampling
+                     ) -> Generator[Part, None, None]:
+        """Yield the reply as the server streams it, thinking apart from the answer (the
+        server's `reasoning_content`, or a <think> block at the start of the content);
+        `last_stats` is set however it ends.
 
         A stream that breaks off keeps what arrived: `last_stats.finish_reason` is
         'interrupted' and an EngineError says what happened.
@@ -225,10 +245,15 @@ class RemoteEngine:
             body["stop"] = list(sampling.stop)
         if sampling.ignore_eos:
             body["ignore_eos"] = True
+        if sampling.think is not None:  # llama-server's, vLLM's and localchat serve's switch
+            body["chat_template_kwargs"] = {"enable_thinking": sampling.think}
+        if sampling.think_budget is not None:
+            body["think_budget"] = sampling.think_budget
         return body
 
-    def _events(self, body: dict[str, Any], progress: _Progress) -> Iterator[str]:
+    def _events(self, body: dict[str, Any], progress: _Progress) -> Iterator[Part]:
         connection, response = self._request("POST", "/chat/completions", body)
+        content = Splitter(family_named("think"))  # a server that leaves the markers in
         try:
             content_type = response.getheader("Content-Type", "")
             chunks = (_whole_reply(response) if content_type.startswith("application/json")
@@ -243,14 +268,19 @@ class RemoteEngine:
                 if isinstance(chunk.get("usage"), dict):
                     progress.usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text = _choice_text(choice)
-                    if text:
+                    thought, text = _choice_reasoning(choice), _choice_text(choice)
+                    if thought or text:
                         progress.last_at = time.perf_counter()
                         progress.first_at = progress.first_at or progress.last_at
                         progress.pieces += 1
-                        yield text
+                    if thought:
+                        progress.reasoning += 1
+                        yield Part(REASONING, thought, progress.reasoning)
+                    if text:
+                        yield from content.feed(text)
                     if isinstance(choice, dict) and choice.get("finish_reason"):
                         progress.finish_reason = str(choice["finish_reason"])
+            yield from content.finish()
             if progress.finish_reason is None:
                 raise EngineError(
                     f"{self.options.endpoint} closed the stream halfway "
@@ -373,6 +403,19 @@ def _context_length(entry: dict[str, Any]) -> int | None:
                   entry.get("context_window"), meta.get("n_ctx"), meta.get("n_ctx_train")):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
+    return None
+
+
+def _choice_reasoning(choice: object) -> str | None:
+    """The thinking in a chunk: DeepSeek's and llama-server's field, or vLLM's newer name."""
+    if not isinstance(choice, dict):
+        return None
+    for holder in (choice.get("delta"), choice.get("message")):
+        if isinstance(holder, dict):
+            for name in ("reasoning_content", "reasoning"):
+                value = holder.get(name)
+                if isinstance(value, str):
+                    return value
     return None
 
 

@@ -8,11 +8,13 @@ when nothing matches we refuse rather than guess a wrong format.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from localchat.engine import reasoning
 from localchat.errors import EngineError, UsageError
 
 # Built-in templates for files without one. Each mirrors the format llama.cpp's own
@@ -168,8 +170,13 @@ def render(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    think: bool | None = None,
 ) -> str:
-    """Render messages to the prompt text the model expects; template faults become errors."""
+    """Render messages to the prompt text the model expects; template faults become errors.
+
+    `think` is the thinking switch the template may read (`enable_thinking`): on unless False,
+    as llama.cpp passes it (some templates read an undefined switch as off).
+    """
     if template.text is None:
         return "\n\n".join(message["content"] for message in messages)
     import jinja2
@@ -184,6 +191,7 @@ def render(
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
+            **dict.fromkeys(reasoning.SWITCHES, think is not False),
         )
     except template_sandbox.TemplateLimitError as exc:
         raise EngineError(
@@ -211,6 +219,7 @@ def render_pieces(
     messages: Sequence[dict[str, str]],
     bos_token: str = "",
     eos_token: str = "",
+    think: bool | None = None,
 ) -> list[tuple[str, bool]]:
     """The rendered prompt as (text, is_content) pieces: message contents apart from the template.
 
@@ -226,7 +235,7 @@ def render_pieces(
     (its control tokens are read as before), the others are still kept apart. The `raw` format
     has no template: the text is the prompt, as the user wrote it, control tokens included.
     """
-    full = render(template, messages, bos_token, eos_token)
+    full = render(template, messages, bos_token, eos_token, think=think)
     if template.text is None:
         return [(full, False)]
     candidates = [index for index, message in enumerate(messages)
@@ -234,11 +243,12 @@ def render_pieces(
     if not candidates:
         return [(full, False)]
     nonce = _fresh_nonce(full, template.text, messages)
-    pieces = _marked_render(template, messages, candidates, nonce, bos_token, eos_token, full)
+    render_marked = functools.partial(_marked_render, template, messages, nonce=nonce,
+                                      bos_token=bos_token, eos_token=eos_token, full=full,
+                                      think=think)
+    pieces = render_marked(candidates)
     if pieces is None:  # rewritten contents: keep apart those that survive alone
-        kept = [index for index in candidates
-                if _marked_render(template, messages, [index], nonce, bos_token, eos_token, full)]
-        pieces = _marked_render(template, messages, kept, nonce, bos_token, eos_token, full)
+        pieces = render_marked([index for index in candidates if render_marked([index])])
     return pieces or [(full, False)]
 
 
@@ -254,7 +264,7 @@ def _fresh_nonce(full: str, text: str, messages: Sequence[dict[str, str]]) -> st
 
 def _marked_render(template: ChatTemplate, messages: Sequence[dict[str, str]],
                    marked: Sequence[int], nonce: str, bos_token: str, eos_token: str,
-                   full: str) -> list[tuple[str, bool]] | None:
+                   full: str, think: bool | None = None) -> list[tuple[str, bool]] | None:
     """Pieces from a render with the `marked` contents as markers, or None if they differ."""
     if not marked:
         return None
@@ -268,7 +278,7 @@ def _marked_render(template: ChatTemplate, messages: Sequence[dict[str, str]],
         copies[index]["content"] = f"{content[:start]}\ue000{nonce}.{index}\ue001" \
                                    f"{content[start + len(core):]}"
     try:
-        rendered = render(template, copies, bos_token, eos_token)
+        rendered = render(template, copies, bos_token, eos_token, think=think)
     except EngineError:
         return None  # the template looked at the content itself
     parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", rendered)
@@ -299,3 +309,36 @@ def check(template: ChatTemplate) -> None:
             f"the chat template ({template.source}) does not parse: {exc}",
             _FORMAT_HINT,
         ) from exc
+
+
+def thinking_of(template: ChatTemplate, special_tokens: frozenset[str],
+                catalog_family: str | None = None, bos_token: str = "",
+                eos_token: str = "") -> reasoning.Thinking | None:
+    """Whether a model thinks, and how: from its chat template (it names the markers or the
+    switch), else from its vocabulary's special tokens, else from its catalog entry.
+
+    The template is rendered for one message, with the switch on and off: a generation prompt
+    that ends inside an open block means the reply starts inside it; a switch that changes
+    nothing is no switch.
+    """
+    text = template.text or ""
+    found = [(reasoning.family_in_template(text), "chat template"),
+             (reasoning.family_in_vocabulary(special_tokens), "vocabulary"),
+             (reasoning.family_named(catalog_family or ""), "catalog")]
+    family, source = next(((f, where) for f, where in found if f is not None), (None, ""))
+    if family is None:
+        if not reasoning.switch_in_template(text):
+            return None
+        family, source = reasoning.FAMILIES[-1], "chat template"  # <think>, the common one
+    switch, opened = reasoning.switch_in_template(text), False
+    if text:
+        probe = [{"role": "user", "content": "Hi"}]
+        try:
+            thinking_on = render(template, probe, bos_token, eos_token, think=True)
+            opened = reasoning.opens_block(thinking_on, family)
+            if switch and render(template, probe, bos_token, eos_token,
+                                 think=False) == thinking_on:
+                switch = None
+        except EngineError:
+            pass  # a template that cannot render fails loudly at the first reply instead
+    return reasoning.Thinking(family, source, switch, opened)

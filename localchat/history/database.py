@@ -61,6 +61,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
             last_used_at REAL NOT NULL,
             UNIQUE (conversation_id, model_identity, n_ctx, llama_cpp_version))""",
     ),
+    # 2: a thinking model's reasoning, kept apart from its answer (`content`).
+    ("ALTER TABLE messages ADD COLUMN reasoning TEXT",),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -57,6 +57,7 @@ class MessageRecord:
     timings: dict[str, Any] | None
     interrupted: bool
     created_at: datetime
+    reasoning: str | None = None  # a thinking model's thinking before this answer
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def _message(row: sqlite3.Row) -> MessageRecord:
         content=row["content"], token_count=row["token_count"],
         timings=json.loads(row["timings"]) if row["timings"] is not None else None,
         interrupted=bool(row["interrupted"]), created_at=_time(row["created_at"]),
+        reasoning=row["reasoning"],
     )
 
 
@@ -348,8 +350,9 @@ class HistoryStore:
     def add_message(
         self, conversation_id: int, role: str, content: str, token_count: int | None = None,
         timings: Mapping[str, Any] | None = None, interrupted: bool = False,
+        reasoning: str | None = None,
     ) -> MessageRecord:
-        """Append a message and commit it before returning."""
+        """Append a message (a reply's thinking in `reasoning`) and commit it before returning."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         now = time.time()
@@ -358,8 +361,9 @@ class HistoryStore:
             try:
                 cursor = db.execute(
                     "INSERT INTO messages (conversation_id, role, content, token_count, timings,"
-                    " interrupted, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, role, content, token_count, encoded, int(interrupted), now),
+                    " interrupted, created_at, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, role, content, token_count, encoded, int(interrupted), now,
+                     reasoning),
                 )
             except sqlite3.IntegrityError:
                 raise ConversationNotFound(f"no conversation {conversation_id} in the history",
@@ -372,7 +376,7 @@ class HistoryStore:
         return MessageRecord(
             id=cursor.lastrowid, conversation_id=conversation_id, role=role, content=content,
             token_count=token_count, timings=dict(timings) if timings is not None else None,
-            interrupted=interrupted, created_at=_time(now),
+            interrupted=interrupted, created_at=_time(now), reasoning=reasoning,
         )
 
     def messages(self, conversation_id: int) -> list[MessageRecord]:
@@ -453,7 +457,11 @@ class HistoryStore:
         if conversation.system_prompt:
             lines += ["## System", "", conversation.system_prompt, ""]
         for message in messages:
-            lines += [f"## {message.role.capitalize()}", "", message.content, ""]
+            lines += [f"## {message.role.capitalize()}", ""]
+            if message.reasoning:  # a quoted block, so it reads as apart from the answer
+                lines += ["> **Thinking**", ">", *(f"> {line}".rstrip()
+                                                   for line in message.reasoning.splitlines()), ""]
+            lines += [message.content, ""]
             if message.interrupted:
                 lines += ["*(interrupted)*", ""]
         return "\n".join(lines)

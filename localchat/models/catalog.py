@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from localchat import paths, settings
+from localchat.engine.reasoning import FAMILIES, family_named
 from localchat.errors import ConfigError, ModelFileError, UsageError
 
 # Names end up in cache paths and shell commands, so each part is an allow-list: no separators,
@@ -80,6 +81,7 @@ class ModelSpec:
     default_tag: str
     defaults: ModelDefaults
     tags: tuple[tuple[str, ModelFile], ...]
+    thinking: str | None = None  # a thinking family (engine/reasoning.py FAMILIES) by name
 
     @property
     def tag_names(self) -> list[str]:
@@ -290,6 +292,7 @@ def _catalog_ref(spec: ModelSpec, tag: str) -> ModelRef:
 # An entry's own keys; its run defaults are the settings rows marked `catalog`.
 _MODEL_KEYS: dict[str, tuple[type, ...]] = {
     "description": (str,), "license": (str,), "default_tag": (str,), "tags": (dict,),
+    "thinking": (str,),
 }
 _DEFAULT_KEYS = tuple(setting.name for setting in settings.SETTINGS if setting.catalog)
 _TAG_KEYS: dict[str, tuple[type, ...]] = {
@@ -414,10 +417,14 @@ def _build(entries: dict[str, dict[str, Any]], user_where: dict[str, _Where]) ->
                               f"of '{name}'", f"known tags: {', '.join(tags)}")
         defaults = ModelDefaults({key: settings.checked(settings.get(key), entry[key])
                                   for key in _DEFAULT_KEYS if key in entry})
+        thinking = entry.get("thinking")
+        if thinking is not None and family_named(thinking) is None:
+            raise where.error((name, "thinking"), f"unknown thinking family '{thinking}'",
+                              f"known: {', '.join(family.name for family in FAMILIES)}")
         files = tuple((tag, _model_file(raw)) for tag, raw in tags.items())
         models.append(ModelSpec(name=name, description=entry.get("description", ""),
                                 license=entry.get("license"), default_tag=default_tag,
-                                defaults=defaults, tags=files))
+                                defaults=defaults, tags=files, thinking=thinking))
     return Catalog(models=tuple(models))
 
 

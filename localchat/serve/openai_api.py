@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from localchat import settings
@@ -25,7 +25,7 @@ _COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "n", "user", "l
                             "logprobs", *SAMPLING_FIELDS})
 FIELDS = {
     "chat": _COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools",
-                              "tool_choice", "parallel_tool_calls"},
+                              "tool_choice", "parallel_tool_calls", "chat_template_kwargs"},
     # max_completion_tokens is the chat API's newer name for max_tokens
     "text": _COMMON_FIELDS - {"max_completion_tokens"} | {"prompt", "echo", "suffix", "best_of"},
 }
@@ -114,14 +114,36 @@ def parse_request(kind: str, body: object, defaults: Sampling) -> Request:
     _check_type(body, "user", str)
     _check_type(body, "parallel_tool_calls", bool)
     stream = _check_type(body, "stream", bool) or False
+    sampling = _sampling(body, defaults)
+    think = _template_switch(body.get("chat_template_kwargs"))
     return Request(
         kind=kind,
         messages=_messages(body.get("messages")) if kind == "chat" else None,
         prompt=_prompt(body.get("prompt")) if kind == "text" else None,
-        sampling=_sampling(body, defaults),
+        sampling=sampling if think is None else replace(sampling, think=think),
         stream=stream,
         include_usage=_include_usage(body.get("stream_options")),
     )
+
+
+def _template_switch(raw: object) -> bool | None:
+    """`chat_template_kwargs: {"enable_thinking": false}`, as llama-server and vLLM take it:
+    the one template variable localchat passes (the thinking switch)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object",
+                       param="chat_template_kwargs")
+    for key, value in raw.items():
+        if key != "enable_thinking":
+            raise ApiError(400, f"chat_template_kwargs.{key} is not supported; only "
+                           "enable_thinking is", param=f"chat_template_kwargs.{key}",
+                           code="unsupported_field")
+        if not isinstance(value, bool):
+            raise ApiError(400, "chat_template_kwargs.enable_thinking must be true or false",
+                           param="chat_template_kwargs.enable_thinking")
+    switch = raw.get("enable_thinking")
+    return switch if isinstance(switch, bool) else None
 
 
 def _check_type(body: dict[str, Any], name: str, expected: type[T]) -> T | None:
@@ -174,7 +196,8 @@ def _messages(raw: object) -> list[dict[str, str]]:
             raise ApiError(400, f"{where} must be an object", param=where)
         for key, value in message.items():
             # Clients echo an earlier reply back with its empty extras; those are harmless.
-            if key not in ("role", "content", "name") and value is not None:
+            # A reply's reasoning_content comes back too: the template drops it, and so do we.
+            if key not in ("role", "content", "name", "reasoning_content") and value is not None:
                 raise ApiError(400, f"{where}.{key} is not supported", param=f"{where}.{key}")
         role = message.get("role")
         role = _ROLES.get(role) if isinstance(role, str) else None  # a list is unhashable
@@ -233,7 +256,8 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     """OpenAI's token counts, with the KV-cache reuse where OpenAI reports cached tokens."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
             "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens}}
 
 
 def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
@@ -243,14 +267,20 @@ def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
 
 
 def finish_reason(reason: str) -> str:
-    """OpenAI's word for how a reply ended: a full context window is its `length` too."""
-    return "length" if reason == "context" else reason
+    """OpenAI's word for how a reply ended: a full context window is its `length` too, and so
+    is running out of tokens while thinking."""
+    return "length" if reason in ("context", "thinking") else reason
 
 
-def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats) -> dict[str, Any]:
-    """The non-streaming answer."""
+def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats,
+                reasoning: str = "") -> dict[str, Any]:
+    """The non-streaming answer; a thinking model's thinking in `reasoning_content`, as
+    llama-server and DeepSeek's API put it."""
     if meta.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        choice = {"index": 0, "message": message,
                   "logprobs": None, "finish_reason": finish_reason(stats.finish_reason)}
     else:
         choice = {"index": 0, "text": text, "logprobs": None,
@@ -259,12 +289,15 @@ def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats) -> dict[str,
 
 
 def chunk(meta: ReplyMeta, text: str | None = None, finish: str | None = None,
-          opening: bool = False) -> dict[str, Any]:
-    """One streamed event: the opening role, a piece of text, or the closing finish reason."""
+          opening: bool = False, reasoning: str | None = None) -> dict[str, Any]:
+    """One streamed event: the opening role, a piece of text or of thinking
+    (`delta.reasoning_content`), or the closing finish reason."""
     if meta.kind == "chat":
         delta: dict[str, str] = {"role": "assistant", "content": ""} if opening else {}
         if text is not None:
             delta["content"] = text
+        if reasoning is not None:
+            delta["reasoning_content"] = reasoning
         choice: dict[str, Any] = {"index": 0, "delta": delta}
     else:
         choice = {"index": 0, "text": text or ""}

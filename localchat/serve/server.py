@@ -23,7 +23,7 @@ import socketserver
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 
 from localchat.engine.local import EngineOptions, LocalEngine
 from localchat.engine.protocol import Sampling
+from localchat.engine.reasoning import ANSWER, REASONING, Part
 from localchat.engine.remote import api_key_from
 from localchat.errors import ContextOverflowError, ExitStatus, LocalchatError, UsageError
 from localchat.serve import openai_api as api
@@ -266,14 +267,14 @@ class _Handler(BaseHTTPRequestHandler):
         return status, (f"{gone}prompt {stats.prompt_tokens} tok ({stats.cached_tokens} cached)"
                         f" · reply {stats.completion_tokens} tok · {stats.finish_reason}")
 
-    def _start(self, engine: LocalEngine, request: api.Request) -> Generator[str, None, None]:
+    def _start(self, engine: LocalEngine, request: api.Request) -> Generator[Part, None, None]:
         """The engine's generator with its prompt checked: faults in the request become 400s."""
         engine.last_stats = None  # a generator closed before it starts leaves stats untouched
         try:
             if request.messages is not None:
                 engine.count_tokens(request.messages)  # renders the template: bad roles fail here
-                return engine.stream(request.messages, request.sampling)
-            return engine.stream_text(request.prompt or "", request.sampling)
+                return engine.stream_parts(request.messages, request.sampling)
+            return _as_answer(engine.stream_text(request.prompt or "", request.sampling))
         except ContextOverflowError as exc:  # OpenAI's code for it, which clients look for
             raise api.ApiError(400, exc.message, code="context_length_exceeded",
                                param="messages" if request.messages is not None else "prompt"
@@ -281,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
         except LocalchatError as exc:
             raise api.ApiError(400, exc.message, code="invalid_prompt") from None
 
-    def _pieces(self, pieces: Iterator[str]) -> Iterator[str]:
+    def _pieces(self, pieces: Generator[Part, None, None]) -> Generator[Part, None, None]:
         """The reply's pieces until it ends, the client leaves or the server stops."""
         try:
             for piece in pieces:
@@ -294,16 +295,18 @@ class _Handler(BaseHTTPRequestHandler):
             raise api.ApiError(500, exc.message, kind="server_error") from None
 
     def _send_whole(self, request: api.Request, meta: api.ReplyMeta, engine: LocalEngine,
-                    pieces: Generator[str, None, None]) -> int:
-        text = "".join(self._pieces(pieces))
+                    pieces: Generator[Part, None, None]) -> int:
+        parts = list(self._pieces(pieces))
         pieces.close()
         stats = engine.last_stats
         if stats is None or stats.finish_reason == "interrupted":
             return 499
-        return self._send_json(200, api.whole_reply(meta, text, stats))
+        text = "".join(part.text for part in parts if part.kind == ANSWER)
+        reasoning = "".join(part.text for part in parts if part.kind == REASONING)
+        return self._send_json(200, api.whole_reply(meta, text, stats, reasoning))
 
     def _stream_events(self, request: api.Request, meta: api.ReplyMeta, engine: LocalEngine,
-                       pieces: Generator[str, None, None]) -> int:
+                       pieces: Generator[Part, None, None]) -> int:
         stream = self._pieces(pieces)
         first = next(stream, None)  # a bad prompt fails here, while a JSON error still fits
         self.send_response(200)
@@ -314,8 +317,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._send_event(api.chunk(meta, opening=True))
         try:
-            for piece in itertools.chain([first] if first is not None else [], stream):
-                self._send_event(api.chunk(meta, text=piece))
+            for part in itertools.chain([first] if first is not None else [], stream):
+                self._send_event(api.chunk(meta, text=part.text) if part.kind == ANSWER
+                                 else api.chunk(meta, reasoning=part.text))
         except api.ApiError as exc:  # the engine failed mid-reply: say so in the stream
             self._send_event(exc.body())
             return 500
@@ -361,3 +365,12 @@ class _Handler(BaseHTTPRequestHandler):
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
+
+
+def _as_answer(pieces: Generator[str, None, None]) -> Generator[Part, None, None]:
+    """Raw text completions as answer parts; closing this closes `pieces` (the decode loop)."""
+    try:
+        for piece in pieces:
+            yield Part(ANSWER, piece)
+    finally:
+        pieces.close()
