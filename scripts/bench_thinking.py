@@ -1,15 +1,16 @@
 """Thinking models: what a budget saves, and what the KV cache keeps across turns.
 
-    .venv/bin/python scripts/bench_thinking.py [--turns 5] [--budget 32] [--max-tokens 128]
+    .venv/bin/python scripts/bench_thinking.py [--turns 5] [--budget 32] [--chat-budget 8]
 
 Runs on the R1-style copy of the test model (SmolLM2 with DeepSeek's R1-distill template, whose
 generation prompt opens <think>; tests/thinking_models.py builds it in a temp dir), greedy:
 
 1. one question without and with --think-budget: tokens and seconds spent thinking and answering;
-2. a chat of N turns with a budget: prompt tokens reused from the KV cache vs processed, at each
-   turn, for localchat (the last answer's cells kept past the thinking the template dropped) and
-   for a naive replay (the reply kept as generated, thinking included, and only the shared
-   prefix of the cache reused: what localchat did before it knew thinking models).
+2. a chat of N turns with a budget (the end of turn ignored, so that this tiny model thinks and
+   answers every turn as a real one does): prompt tokens reused from the KV cache vs processed,
+   at each turn, for localchat (the last answer's cells kept past the thinking the template
+   dropped) and for a naive replay (the reply kept as generated, thinking included, and only
+   the shared prefix of the cache reused: what localchat did before it knew thinking models).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from localchat.engine.protocol import Sampling  # noqa: E402
 from localchat.engine.reasoning import REASONING  # noqa: E402
 from tests.thinking_models import make_copy  # noqa: E402
 
-# The first makes this model think past any small budget (it never closes the block itself).
-QUESTIONS = ["Explain step by step how to bake bread.", "Why does the dough rise?",
-             "How long should it bake?", "Summarise in one line.", "And pizza dough?"]
+# Questions this small model thinks about past any small budget (it never closes the block
+# itself), so that every turn has an answer after its thinking.
+QUESTIONS = [f"Explain step by step how to {task}." for task in (
+    "bake bread", "make pizza", "brew tea", "plant a tree", "fix a bicycle tyre", "paint a wall")]
 
 
 def timed_reply(engine: LocalEngine, messages: list[dict[str, str]],
@@ -88,18 +90,21 @@ def chat_figures(engine: LocalEngine, turns: int, sampling: Sampling) -> None:
             messages.append({"role": "assistant", "content": str(content)})
         results[mode] = rows
     kv_reuse.keep_answer_past_thinking = keep
-    print("\n| turn | prompt | localchat: reused / processed | naive: reused / processed |"
-          "\n| --- | --- | --- | --- |")
+    print("\n| turn | prompt | localchat: reused / processed | naive: reused / processed "
+          "| the last answer's tokens |\n| --- | --- | --- | --- | --- |")
     for turn in range(1, turns):
         ours, naive = results["localchat"][turn], results["naive"][turn]
         print(f"| {turn + 1} | {ours['prompt']} | {ours['reused']} / {ours['processed']} | "
-              f"{naive['reused']} / {naive['processed']} |")
+              f"{naive['reused']} / {naive['processed']} | "
+              f"{results['localchat'][turn - 1]['answer_tokens']} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("--budget", type=int, default=32, help="for the one question")
+    parser.add_argument("--chat-budget", type=int, default=8,
+                        help="for the chat: small, so that every turn has an answer to keep")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -113,8 +118,11 @@ def main() -> None:
         engine = load_engine(EngineOptions(model_path=model, n_ctx=4096, threads=args.threads))
         try:
             budget_figures(engine, args.budget, 2 * args.max_tokens)
+            # SmolLM2 ends its turn at once from the second turn on; a real thinking model
+            # thinks and answers every turn, so here the end of turn is ignored (-n ends it).
             chat_figures(engine, args.turns, Sampling(temperature=0, max_tokens=args.max_tokens,
-                                                      think_budget=args.budget))
+                                                      think_budget=args.chat_budget,
+                                                      ignore_eos=True))
         finally:
             engine.close()
 
