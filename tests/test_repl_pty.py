@@ -76,7 +76,7 @@ def test_a_chat_streams_replies_takes_commands_and_leaves_on_ctrl_d(smollm2_path
     terminal.type("/stats\r")
     terminal.wait("reused from the cache")
     terminal.type("/set temperature abc\r")
-    terminal.wait(re.escape("bad value for temperature: 'abc'"))
+    terminal.wait(re.escape("/set temperature must be a number, 0 or more (got 'abc')"))
     terminal.type("/nosuch\r")
     terminal.wait("unknown command /nosuch")
     terminal.type("/cont")
