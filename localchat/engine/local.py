@@ -36,6 +36,8 @@ from localchat.errors import ContextOverflowError, EngineError, UsageError
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaSampler
 
+    from localchat.engine.grammar import OutputGrammar
+    from localchat.engine.grammar_sampler import GrammarSampler
     from localchat.models.gguf_reader import ModelInfo
 
 DEFAULT_CONTEXT = 4096  # a sane cap: KV cache memory grows linearly with the window
@@ -329,7 +331,19 @@ class LocalEngine:
         is_eog, vocab = self._llama_cpp.llama_vocab_is_eog, self._vocab
         return tuple(t for t in range(self._llama.n_vocab()) if is_eog(vocab, t))
 
-    def _sampler(self, sampling: Sampling) -> LlamaSampler:
+    def _sampler(self, sampling: Sampling) -> LlamaSampler | GrammarSampler:
+        """The sampler chain for one reply; with a grammar (--schema, --format json, --grammar),
+        wrapped so the grammar checks the chain's pick first (grammar_sampler.py says why)."""
+        chain = self._chain(sampling)
+        if sampling.grammar is None:
+            return chain
+        from localchat.engine.grammar_sampler import GrammarSampler, init_grammar
+
+        return GrammarSampler(self._llama_cpp, chain,
+                              init_grammar(self._llama_cpp, self._vocab, sampling.grammar),
+                              self._llama.n_vocab())
+
+    def _chain(self, sampling: Sampling) -> LlamaSampler:
         from llama_cpp import _internals
 
         sampler = _internals.LlamaSampler()
@@ -354,6 +368,13 @@ class LocalEngine:
         sampler.add_temp(sampling.temperature)
         sampler.add_dist(seed)
         return sampler
+
+    def check_grammar(self, grammar: OutputGrammar) -> None:
+        """Raise UsageError (llama.cpp's own message, on one line) if `grammar` does not parse."""
+        from localchat.engine.grammar_sampler import init_grammar
+
+        self._check_open()
+        self._llama_cpp.llama_sampler_free(init_grammar(self._llama_cpp, self._vocab, grammar))
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -406,9 +427,12 @@ class LocalEngine:
         self._llama.reset()
         self._last_reply = None
 
-    def export_state(self) -> tuple[list[int], bytearray]:
-        """The tokens in the KV cache and llama.cpp's serialized cache of them, for a snapshot."""
+    def export_state(self, limit: int | None = None) -> tuple[list[int], bytearray]:
+        """The tokens in the KV cache and llama.cpp's serialized cache of them, for a snapshot;
+        `limit` first cuts the cache to its first `limit` tokens (a one-shot's fixed prefix)."""
         llama, ctx = self._llama, self._llama._ctx.ctx
+        if limit is not None:
+            llama.n_tokens = min(llama.n_tokens, limit)
         # Only sequence 0's KV cells, no logits: the next reply re-evaluates its last prompt token.
         llama._ctx.kv_cache_seq_rm(-1, llama.n_tokens, -1)  # cells past n_tokens are stale
         tokens = llama.input_ids[: llama.n_tokens].tolist()

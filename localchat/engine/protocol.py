@@ -9,12 +9,15 @@ answer (`stream_parts`); `stream` gives the answer alone.
 from __future__ import annotations
 
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from localchat import settings
 from localchat.engine.reasoning import ANSWER, Part, Thinking
 from localchat.errors import UsageError
+
+if TYPE_CHECKING:
+    from localchat.engine.grammar import OutputGrammar
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,19 @@ class Sampling:
     ignore_eos: bool = False
     think: bool | None = None  # None: the template's default (thinking models think)
     think_budget: int | None = None  # tokens of thinking before the closing marker is inserted
+    grammar: OutputGrammar | None = None  # --schema, --format json, --grammar: not a setting row
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> Sampling:
         """The sampling rows of merged settings (`settings.merge`): the fields are those rows."""
         return cls(**settings.values_of("sampling", values))
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the history keeps them: the grammar by what the user gave."""
+        values = {key: value for key, value in asdict(self).items() if key != "grammar"}
+        if self.grammar is not None:
+            values["output"] = {"kind": self.grammar.kind, "label": self.grammar.label}
+        return values
 
     def validate(self) -> None:
         """The last check before llama.cpp: a value outside the settings table is a usage error

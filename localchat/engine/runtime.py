@@ -56,6 +56,7 @@ _NOISY_LOG_PREFIXES = (b"llama_graph_n_input_tensors", b"create_tensor:", b"load
                        b"graph_reserve:", b"set_abort_callback", b".")
 _log_callback: object = None  # kept alive: llama.cpp holds a raw pointer to it
 _show_llama_logs = False
+_captured_logs: list[str] | None = None  # set while `captured_llama_output` listens
 
 
 def route_llama_logs(llama_cpp: ModuleType, verbose: bool) -> None:
@@ -77,6 +78,8 @@ def route_llama_logs(llama_cpp: ModuleType, verbose: bool) -> None:
             # ggml levels: 1 info, 2 warn, 3 error, 4 debug, 5 continues the previous line
             level = last_level[0] if level == 5 else level
             last_level[0] = level
+            if _captured_logs is not None:
+                _captured_logs.append(text.decode("utf-8", errors="replace"))
             if _show_llama_logs and level != 4 and not text.startswith(_NOISY_LOG_PREFIXES):
                 sys.stderr.write(text.decode("utf-8", errors="replace"))
                 sys.stderr.flush()
@@ -92,6 +95,32 @@ def route_llama_logs(llama_cpp: ModuleType, verbose: bool) -> None:
                 # function); the loop's ModuleType declares no attribute to assign
                 module.suppress_stdout_stderr = (  # type: ignore[attr-defined]
                     lambda disable=True: contextlib.nullcontext())
+
+
+@contextlib.contextmanager
+def captured_llama_output() -> Iterator[list[str]]:
+    """Collect what llama.cpp says during the block: its log lines, and what it prints straight
+    to the process's stderr (its grammar parser does), as text lines in the list yielded."""
+    import sys
+    import tempfile
+
+    global _captured_logs
+    lines: list[str] = []
+    _captured_logs = []
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            printed = sink.read().decode("utf-8", errors="replace")
+            lines.extend(line for line in (printed + "".join(_captured_logs)).splitlines()
+                         if line.strip())
+            _captured_logs = None
 
 
 def compiled_backend() -> str:
