@@ -71,10 +71,10 @@ def test_a_new_database_lives_in_the_data_dir_in_wal_mode_at_the_latest_schema()
     with open_history() as store:
         assert store.path == paths.data_dir() / "history.db"
     raw = sqlite3.connect(paths.data_dir() / "history.db")
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == history_db.SCHEMA_VERSION == 3
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     names = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
-    assert {"conversations", "messages", "messages_fts", "snapshots"} <= names
+    assert {"conversations", "messages", "messages_fts", "snapshots", "prefix_snapshots"} <= names
     raw.close()
 
 

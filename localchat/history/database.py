@@ -63,6 +63,19 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 2: a thinking model's reasoning, kept apart from its answer (`content`).
     ("ALTER TABLE messages ADD COLUMN reasoning TEXT",),
+    (  # 3: snapshots of a one-shot's fixed prefix (system prompt, preset, files), by its tokens
+        """CREATE TABLE prefix_snapshots (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            path TEXT NOT NULL UNIQUE,
+            model_identity TEXT NOT NULL,
+            n_ctx INTEGER NOT NULL,
+            llama_cpp_version TEXT NOT NULL,
+            prefix_hash TEXT NOT NULL,
+            token_count INTEGER NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            last_used_at REAL NOT NULL,
+            UNIQUE (model_identity, n_ctx, llama_cpp_version, prefix_hash))""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -91,7 +91,7 @@ class SnapshotRecord:
     """The index entry of one KV-cache snapshot file."""
 
     id: int
-    conversation_id: int
+    conversation_id: int | None  # None: a one-shot's prefix, found by its tokens
     path: Path
     model_identity: str
     n_ctx: int
@@ -520,7 +520,8 @@ class HistoryStore:
 
     def snapshot_paths(self) -> set[Path]:
         """Every snapshot file the index names (whether or not it still exists)."""
-        return {Path(row["path"]) for row in self._rows("SELECT path FROM snapshots")}
+        return {Path(row["path"]) for row in self._rows(
+            "SELECT path FROM snapshots UNION ALL SELECT path FROM prefix_snapshots")}
 
     def touch_snapshot(self, snapshot_id: int) -> None:
         """Mark a snapshot as just used, so eviction keeps it longest."""
@@ -530,26 +531,78 @@ class HistoryStore:
             )
 
     def evict_snapshots(self, cap_bytes: int) -> list[Path]:
-        """Delete least recently used snapshot files until the rest fit in `cap_bytes`."""
+        """Delete least recently used snapshot files, of conversations and of one-shot prefixes
+        alike, until the rest fit in `cap_bytes`."""
         removed: list[Path] = []
         with self._write() as db:
-            present: list[tuple[int, Path, int]] = []
-            rows = db.execute("SELECT id, path FROM snapshots ORDER BY last_used_at, id").fetchall()
+            present: list[tuple[str, int, Path, int]] = []
+            rows = db.execute(
+                "SELECT 'snapshots' AS tab, id, path, last_used_at FROM snapshots UNION ALL"
+                " SELECT 'prefix_snapshots', id, path, last_used_at FROM prefix_snapshots"
+                " ORDER BY last_used_at, id").fetchall()
             for row in rows:
                 path = Path(row["path"])
                 try:
-                    present.append((row["id"], path, path.stat().st_size))
+                    present.append((row["tab"], row["id"], path, path.stat().st_size))
                 except FileNotFoundError:
-                    db.execute("DELETE FROM snapshots WHERE id = ?", (row["id"],))
-            total = sum(size for _, _, size in present)
-            for snapshot_id, path, size in present:
+                    db.execute(f"DELETE FROM {row['tab']} WHERE id = ?", (row["id"],))
+            total = sum(size for _, _, _, size in present)
+            for table, snapshot_id, path, size in present:
                 if total <= cap_bytes:
                     break
-                db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+                db.execute(f"DELETE FROM {table} WHERE id = ?", (snapshot_id,))
                 _remove_file(path)
                 removed.append(path)
                 total -= size
         return removed
+
+    # Snapshots of one-shot prefixes: no conversation, found by the hash of their tokens
+
+    def record_prefix_snapshot(self, path: Path, model_identity: str, n_ctx: int,
+                               llama_cpp_version: str, prefix_hash: str,
+                               token_count: int) -> SnapshotRecord:
+        """Index a prefix snapshot file just written (replacing one with the same key)."""
+        path = path.resolve()
+        key = (model_identity, n_ctx, llama_cpp_version, prefix_hash)
+        same = ("WHERE (model_identity = ? AND n_ctx = ? AND llama_cpp_version = ?"
+                " AND prefix_hash = ?) OR path = ?")
+        size_bytes, now = path.stat().st_size, time.time()
+        with self._write() as db:
+            old = db.execute(f"SELECT path FROM prefix_snapshots {same}",
+                             (*key, str(path))).fetchall()
+            db.execute(f"DELETE FROM prefix_snapshots {same}", (*key, str(path)))
+            cursor = db.execute(
+                "INSERT INTO prefix_snapshots (path, model_identity, n_ctx, llama_cpp_version,"
+                " prefix_hash, token_count, size_bytes, last_used_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (str(path), *key, token_count, size_bytes, now))
+            for row in old:
+                if row["path"] != str(path):
+                    _remove_file(Path(row["path"]))
+            found = db.execute("SELECT *, NULL AS conversation_id FROM prefix_snapshots"
+                               " WHERE id = ?", (cursor.lastrowid,))
+            return _snapshot(found.fetchone())
+
+    def find_prefix_snapshot(self, model_identity: str, n_ctx: int, llama_cpp_version: str,
+                             prefix_hash: str) -> SnapshotRecord | None:
+        """The snapshot of exactly these prefix tokens for this model, n_ctx and llama.cpp."""
+        rows = self._rows(
+            "SELECT *, NULL AS conversation_id FROM prefix_snapshots WHERE model_identity = ?"
+            " AND n_ctx = ? AND llama_cpp_version = ? AND prefix_hash = ?",
+            (model_identity, n_ctx, llama_cpp_version, prefix_hash))
+        if not rows:
+            return None
+        if not Path(rows[0]["path"]).is_file():
+            with self._write() as db:
+                db.execute("DELETE FROM prefix_snapshots WHERE id = ?", (rows[0]["id"],))
+            return None
+        return _snapshot(rows[0])
+
+    def touch_prefix_snapshot(self, snapshot_id: int) -> None:
+        """Mark a prefix snapshot as just used, so eviction keeps it longest."""
+        with self._write() as db:
+            db.execute("UPDATE prefix_snapshots SET last_used_at = ? WHERE id = ?",
+                       (time.time(), snapshot_id))
 
 
 def _name_taken(name: str | None) -> UsageError:

@@ -136,7 +136,7 @@ def _history_tag(store: HistoryStore) -> str:
 
 
 def sweep_orphans(store: HistoryStore) -> list[Path]:
-    """Delete this history's snapshot files that no conversation owns; return them.
+    """Delete this history's snapshot files that its index does not name; return them.
 
     They are left by a process killed between writing a file and indexing it, or by a history
     whose rows were deleted without their files. Files still being written (younger than a
@@ -145,7 +145,9 @@ def sweep_orphans(store: HistoryStore) -> list[Path]:
     directory = snapshot_dir()
     removed: list[Path] = []
     try:
-        candidates = sorted(directory.glob(f"{_history_tag(store)}-conversation-*.kvsnap"))
+        tag = _history_tag(store)
+        candidates = sorted([*directory.glob(f"{tag}-conversation-*.kvsnap"),
+                             *directory.glob(f"{tag}-prefix-*.kvsnap")])
         if not candidates:
             return removed
         owned = {path.resolve() for path in store.snapshot_paths()}
@@ -248,6 +250,98 @@ def restore_snapshot(
     if shared < len(tokens):
         note += f" (the snapshot's first {shared} of {len(tokens)} tokens match the history)"
     return RestoreResult(True, reused, note)
+
+
+# ---- a one-shot's fixed prefix: the same files, keys, cap and eviction, found by its tokens ------
+
+def prefix_key(engine: LocalEngine, tokens: Sequence[int]) -> tuple[SnapshotKey, str]:
+    """The key and token hash a prefix snapshot of `tokens` is filed under."""
+    return snapshot_key(engine), prefix_hash(tokens)
+
+
+def restore_prefix_snapshot(engine: Engine, store: HistoryStore,
+                            prefix: Sequence[int]) -> RestoreResult:
+    """Load the snapshot of exactly the tokens `prefix`, if there is one that fits this engine."""
+    if not _supports_state(engine):
+        return RestoreResult(False, 0, "no snapshot: this engine keeps no local KV cache")
+    try:
+        key, token_hash = prefix_key(engine, prefix)
+        record = store.find_prefix_snapshot(key.model_identity, key.n_ctx,
+                                            key.llama_cpp_version, token_hash)
+        if record is None:
+            return RestoreResult(False, 0, f"no snapshot of this {len(prefix)}-token prefix yet: "
+                                           "it is processed, then saved for the next run")
+        with record.path.open("rb") as handle:
+            header = _read_header(handle, key, record.prefix_hash)
+            if _read_tokens(handle, header) != list(prefix):
+                raise _Refused("its tokens are not this prefix")
+            with _mapped_state(handle, header) as state:
+                engine.import_state(prefix, state)
+    except _Refused as exc:
+        return RestoreResult(False, 0, f"prefix snapshot ignored: {exc}")
+    except (OSError, LocalchatError) as exc:
+        return RestoreResult(False, 0, f"prefix snapshot ignored: {_reason(exc)}")
+    with contextlib.suppress(LocalchatError):
+        store.touch_prefix_snapshot(record.id)
+    return RestoreResult(True, len(prefix), f"loaded the snapshot of the {len(prefix)}-token "
+                                             "prefix: only what follows it is processed")
+
+
+def save_prefix_snapshot(engine: Engine, store: HistoryStore, prefix: Sequence[int],
+                         cap_bytes: int = DEFAULT_CAP_BYTES) -> SaveResult:
+    """Save the KV cache of the prefix `prefix` (the cache is cut to it: call this last)."""
+    if not _supports_state(engine):
+        return SaveResult(None, 0, 0, (), "no snapshot: this engine keeps no local KV cache")
+    try:
+        key, token_hash = prefix_key(engine, prefix)
+        if store.find_prefix_snapshot(key.model_identity, key.n_ctx, key.llama_cpp_version,
+                                      token_hash) is not None:
+            return SaveResult(None, 0, len(prefix), (), "the prefix snapshot is saved already")
+        tokens, state = engine.export_state(len(prefix))
+    except (OSError, LocalchatError) as exc:
+        return SaveResult(None, 0, 0, (), f"no prefix snapshot saved: {_reason(exc)}")
+    if tokens != list(prefix):
+        return SaveResult(None, 0, 0, (), "no prefix snapshot saved: the KV cache does not hold "
+                                          "the prefix")
+    parts = _file_parts(key, tokens, state)
+    size = sum(len(part) for part in parts)
+    if size > cap_bytes:
+        return SaveResult(None, 0, len(tokens), (),
+                          f"no prefix snapshot saved: {size:,} bytes is over the "
+                          f"{cap_bytes:,}-byte cap")
+    path: Path | None = None
+    try:
+        directory = paths.ensure_private_dir(snapshot_dir())
+        digest = hashlib.sha256(f"{store.path.resolve()}\n{key.model_identity}\n{key.n_ctx}\n"
+                                f"{key.llama_cpp_version}".encode()).hexdigest()[:16]
+        _remove_stale_temp_files(directory)
+        sweep_orphans(store)
+        target = directory / f"{_history_tag(store)}-prefix-{token_hash[:16]}-{digest}.kvsnap"
+        _write_atomically(target, parts)
+        path = target
+        store.record_prefix_snapshot(path, key.model_identity, key.n_ctx, key.llama_cpp_version,
+                                     token_hash, len(tokens))
+        evicted = store.evict_snapshots(cap_bytes)
+    except (OSError, LocalchatError) as exc:
+        if path is not None:
+            path.unlink(missing_ok=True)
+        return SaveResult(None, 0, len(tokens), (), f"no prefix snapshot saved: {_reason(exc)}")
+    note = f"saved a snapshot of the {len(tokens)}-token prefix ({size:,} bytes)"
+    if evicted:
+        note += f"; evicted {len(evicted)} older snapshot(s) to stay under the cap"
+    return SaveResult(path, size, len(tokens), tuple(evicted), note)
+
+
+def _file_parts(key: SnapshotKey, tokens: Sequence[int],
+                state: bytes | bytearray) -> tuple[bytes | bytearray, ...]:
+    header = json.dumps({
+        "model_identity": key.model_identity, "n_ctx": key.n_ctx,
+        "llama_cpp_version": key.llama_cpp_version, "token_count": len(tokens),
+        "prefix_sha256": prefix_hash(tokens), "state_bytes": len(state),
+        "state_crc32": zlib.crc32(state), "created_at": int(time.time()),
+    }, sort_keys=True).encode()
+    return (_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)), header, _token_bytes(tokens),
+            state)
 
 
 def _shared_prefix(first: Sequence[int], second: Sequence[int]) -> int:
