@@ -26,8 +26,11 @@ from localchat.errors import ExitStatus, LocalchatError, UsageError
 from localchat.render import Environment
 
 if TYPE_CHECKING:  # for annotations only: `localchat --help` imports none of these
+    from localchat.chat.attachments import FileRef
+    from localchat.config import Preset
+    from localchat.engine.grammar import OutputGrammar
     from localchat.engine.local import EngineOptions
-    from localchat.engine.protocol import Engine
+    from localchat.engine.protocol import Engine, Sampling
     from localchat.engine.remote import RemoteOptions
     from localchat.history.records import ConversationRecord, HistoryStore
     from localchat.models.catalog import ModelRef
@@ -176,9 +179,25 @@ def run(
     context: typer.Context,
     model: Annotated[str | None, typer.Argument(
         metavar="MODEL", autocompletion=_complete_model,
-        help="Catalog name[:tag], owner/repo:QUANT, or a .gguf path. [default: smollm2]")] = None,
+        help="Catalog name[:tag], owner/repo:QUANT, or a .gguf path. [default: smollm2; with "
+             "--continue, --session or --preset a lone argument is the PROMPT]")] = None,
     prompt: Annotated[str | None, typer.Argument(
-        metavar="PROMPT", help="The prompt; piped stdin comes first.")] = None,
+        metavar="PROMPT", help="The prompt; attached files, then piped stdin, come first.")
+    ] = None,
+    files: Annotated[list[str] | None, typer.Option(
+        "--file", "-f", metavar="PATH",
+        help="Attach a text file to the message, named and fenced (repeatable; - is stdin).")
+    ] = None,
+    schema: Annotated[str | None, typer.Option(metavar="SCHEMA", help=(
+        "Reply with JSON valid against SCHEMA: a JSON Schema (file or inline) or fields, "
+        "e.g. 'name, age int, tags list, bio: a short bio'."))] = None,
+    output_format: Annotated[str | None, typer.Option(
+        "--format", metavar="json", help="Reply with any JSON object.")] = None,
+    grammar: Annotated[str | None, typer.Option(
+        metavar="FILE", help="Reply in the GBNF grammar in FILE.")] = None,
+    preset: Annotated[str | None, typer.Option(metavar="NAME", help=(
+        "Start from [presets.NAME] in config.toml (model, system, settings, schema, files); "
+        "flags override it."))] = None,
     json_output: JsonOption = False,
     show_thinking: Annotated[bool, typer.Option(
         "--show-thinking", help="Show a thinking model's thinking in full, on stderr (also in "
@@ -190,9 +209,10 @@ def run(
     api_key: Annotated[str | None, typer.Option(
         metavar="KEY", help="Key for --endpoint. [default: $LOCALCHAT_API_KEY]")] = None,
     session: Annotated[str | None, typer.Option(metavar="NAME", help=(
-        "Chat in the conversation NAME: created, or resumed if it exists."))] = None,
+        "Continue the conversation NAME (created if new), in the chat or one-shot."))] = None,
     continue_last: Annotated[bool, typer.Option(
-        "--continue", help="Chat on in the last conversation.")] = False,
+        "--continue", "-c", help="Continue the last conversation, in the chat or one-shot.")
+    ] = False,
     local: Annotated[bool, typer.Option(
         "--local", help="Run on this machine even when config.toml has a [remote] section.")
     ] = False,
@@ -200,31 +220,39 @@ def run(
 ) -> None:
     """Chat at a terminal, or stream a reply to PROMPT (and piped stdin); pulls MODEL if missing."""
     from localchat import oneshot
-    from localchat.config import load_config
-    from localchat.engine.protocol import Sampling
+    from localchat.config import find_preset, load_config
     from localchat.models.catalog import resolve_model
 
     env, given, config = _env(context), given_settings(flags), load_config()
-    if prompt is None and model is not None and _is_prompt(model):
-        model, prompt = None, model  # `localchat run "Why is the sky blue?"`: the default model
+    chosen = find_preset(config, preset) if preset is not None else None
+    layered = {**config.settings, **(chosen.settings if chosen else {})}  # flag > preset > config
+    knows_model = continue_last or session is not None or chosen is not None
+    if prompt is None and model is not None and (
+            _is_prompt(model) or knows_model and not _names_model(model)):
+        model, prompt = None, model  # `localchat run -c "and in French?"`: the PROMPT
     interactive = prompt is None and env.stdin_isatty and not json_output
-    if (session is not None or continue_last) and not interactive:
-        raise UsageError("--session and --continue are for the interactive chat",
-                         "leave out PROMPT and run at a terminal")
+    record = _conversation_to_continue(session, continue_last, interactive,
+                                       settings.merge(given, layered, {})["history"], env)
+    model = model or (record.model if record else None) or (chosen.model if chosen else None)
     configured = not local and endpoint is None and bool(config.remote_endpoint)
     if configured:
         endpoint, model = config.remote_endpoint, model or config.remote_model
     ref = None if endpoint else _resolve_run_model(model, prompt, config.model)
     if ref is None:  # the server owns the model: no catalog, no download, no load settings
         _refuse_local_flags(given, configured)
-    values = settings.merge(given, config.settings, ref.defaults.settings if ref else {})
+    values = settings.merge(given, layered, ref.defaults.settings if ref else {})
     request = oneshot.Request(
         model=ref.name if ref else model or "", prompt=prompt,
-        sampling=Sampling.from_settings(values), system=values["system"],
+        sampling=_sampling(values, _output_grammar(schema, output_format, grammar, chosen),
+                           remote=ref is None),
+        system=_system_prompt(values, given, chosen, record),
         engine=_engine_options(values, ref, offline, env, verbose) if ref else None,
         remote=None if ref else _remote(endpoint, model, api_key),
         json_output=json_output, verbose=verbose, history=values["history"],
-        show_thinking=show_thinking)
+        show_thinking=show_thinking, files=_file_refs(chosen, files), conversation=record,
+        session=session if record is None else None, preset=preset,
+        snapshot_cap_bytes=config.snapshot_cap_mb * 1_000_000 if config.snapshot_cap_mb else None,
+        settings={"preset": preset} if preset else {})
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
 
@@ -237,7 +265,7 @@ def run(
 
         new = resolve_model(name)
         return new.name, load_engine(_engine_options(
-            settings.merge(given, config.settings, new.defaults.settings), new, offline, env,
+            settings.merge(given, layered, new.defaults.settings), new, offline, env,
             verbose))
 
     from localchat.chat.repl import run_repl
@@ -247,7 +275,84 @@ def run(
         "snapshot_cap_bytes": config.snapshot_cap_mb * 1_000_000}  # MB, as sizes are everywhere
     raise typer.Exit(run_repl(request, env, ReplOptions(
         markdown=values["markdown"], session=session, resume_last=continue_last,
-        load_model=load_model, **cap)))
+        load_model=load_model, presets=config.presets, **cap)))
+
+
+def _conversation_to_continue(session: str | None, continue_last: bool, interactive: bool,
+                              history: bool, env: Environment) -> ConversationRecord | None:
+    """The saved conversation a one-shot continues (the chat finds its own), or None."""
+    if session is None and not continue_last:
+        return None
+    flag = "--session" if session is not None else "--continue"
+    if not history:
+        raise UsageError(f"{flag} continues a saved conversation, and the history is off",
+                         "drop --no-history (or set history = true in config.toml)")
+    if session is not None and continue_last:
+        raise UsageError("--session and --continue cannot be used together",
+                         "--session NAME picks a conversation; --continue picks the last one")
+    if interactive:
+        return None
+    from localchat.oneshot import find_conversation
+
+    return find_conversation(session, continue_last, env)
+
+
+def _system_prompt(values: dict[str, Any], given: dict[str, Any], preset: Preset | None,
+                   record: ConversationRecord | None) -> str | None:
+    """The system prompt: a continued conversation keeps its own unless --system or the preset
+    says otherwise (config.toml's default is for new conversations)."""
+    chosen: str | None = values["system"] if record is None else (
+        given.get("system") or (preset.settings.get("system") if preset else None))
+    return chosen
+
+
+def _output_grammar(schema: str | None, output_format: str | None, grammar: str | None,
+                    preset: Preset | None) -> OutputGrammar | None:
+    """--schema, --format json or --grammar (one of them), else the preset's; None: free text."""
+    from localchat.engine.grammar import output_grammar
+
+    if preset is not None and (schema, output_format, grammar) == (None, None, None):
+        return output_grammar(preset.schema, preset.format, preset.grammar, preset.base,
+                              f"[presets.{preset.name}] ")
+    return output_grammar(schema, output_format, grammar)
+
+
+def _sampling(values: dict[str, Any], grammar: OutputGrammar | None, remote: bool) -> Sampling:
+    from dataclasses import replace
+
+    from localchat.engine.protocol import Sampling
+
+    sampling = Sampling.from_settings(values)
+    if grammar is None:
+        return sampling
+    if remote:
+        raise UsageError("--schema, --format and --grammar need the local engine",
+                         "the grammar sampler is llama.cpp's; run without --endpoint (or with "
+                         "--local)")
+    if sampling.ignore_eos:
+        raise UsageError("--ignore-eos cannot be used with a grammar",
+                         "a finished grammar allows only the end of the reply")
+    return replace(sampling, grammar=grammar)
+
+
+def _file_refs(preset: Preset | None, files: list[str] | None) -> tuple[FileRef, ...]:
+    """The preset's files (from its folder) first, then each -f in order."""
+    from localchat.chat.attachments import FileRef
+
+    first = [FileRef(path, preset.base) for path in preset.files] if preset else []
+    return (*first, *(FileRef(path) for path in files or ()))
+
+
+def _names_model(argument: str) -> bool:
+    """A lone argument next to -c, --session or --preset is the MODEL only if it names one (a
+    catalog name or an existing file): `localchat run smollm2 --session trip` is still a chat."""
+    from localchat.models.catalog import resolve_model
+
+    try:
+        resolve_model(argument)
+    except LocalchatError:
+        return False
+    return True
 
 
 def _is_prompt(argument: str) -> bool:
@@ -425,12 +530,17 @@ def pull(context: typer.Context, model: ModelArgument, offline: OfflineOption = 
 
 @app.command("list")
 def list_models(
-    context: typer.Context, json_output: JsonOption = False
+    context: typer.Context, json_output: JsonOption = False,
+    presets: Annotated[bool, typer.Option(
+        "--presets", help="The presets of config.toml instead of the models.")] = False,
 ) -> None:
     """Models on disk: catalog models and any other GGUF in the Hugging Face cache."""
+    env = _env(context)
+    if presets:
+        _list_presets(env, json_output)
+        return
     from localchat.models import store
 
-    env = _env(context)
     records = []
     for found in store.list_local_models():
         context_length, count = _header_facts(found.path)
@@ -446,6 +556,32 @@ def list_models(
             [r["name"], r["quant"] or "-", render.format_bytes(r["size_bytes"]),
              r["parameters"] or "-", str(r["context_length"] or "-"), r["path"]]
             for r in records], fit=("NAME", "WHERE"))
+
+
+def _list_presets(env: Environment, json_output: bool) -> None:
+    from localchat import paths
+    from localchat.config import load_config
+
+    presets = load_config().presets
+    if json_output:
+        render.print_json(env, {"presets": [
+            {"name": p.name, "model": p.model, "settings": dict(p.settings), "schema": p.schema,
+             "format": p.format, "grammar": p.grammar, "files": list(p.files)}
+            for p in presets.values()]})
+    elif not presets:
+        render.print_note(env, f"no presets yet: add a [presets.NAME] table to "
+                               f"{paths.config_file()}")
+    else:
+        render.print_table(env, ["NAME", "MODEL", "SYSTEM", "SETTINGS"], [
+            [p.name, p.model or "-", _preview(p.settings.get("system")), p.summary or "-"]
+            for p in presets.values()])
+
+
+def _preview(text: str | None, width: int = 40) -> str:
+    if not text:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _header_facts(path: Path) -> tuple[int | None, int | None]:

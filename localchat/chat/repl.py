@@ -48,6 +48,8 @@ def run_repl(request: Request, env: Environment, options: ReplOptions, *,
             else:
                 chat.name = options.session
                 chat.refresh_usage()
+            for ref in request.files:  # -f and the preset's files go with the first message
+                chat.attach(ref.argument, ref.base)
             print_note(env, f"{chat.model} · context {chat.engine.n_ctx} tokens · /help for "
                             "commands, Ctrl-D to leave")
             chat_loop(chat, prompt_session(chat, pt_input, pt_output))

@@ -6,9 +6,9 @@ renderer, keep and save it. The prompt loop is in `repl`, the slash commands in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
 from localchat.engine.reasoning import REASONING
@@ -28,8 +28,11 @@ from localchat.render import (
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from localchat.chat.attachments import Attachment
     from localchat.chat.markdown_stream import MarkdownStream
-    from localchat.engine.protocol import Engine, GenerationStats
+    from localchat.config import Preset
+    from localchat.engine.grammar import OutputGrammar
+    from localchat.engine.protocol import Engine, GenerationStats, Sampling
     from localchat.history.records import ConversationRecord, HistoryStore
     from localchat.oneshot import Request
 
@@ -51,6 +54,7 @@ class ReplOptions:
     resume_last: bool = False  # --continue
     load_model: ModelLoader | None = None  # None: /model cannot switch (e.g. a remote server)
     snapshot_cap_bytes: int = DEFAULT_CAP_BYTES  # config.toml's snapshot_cap_mb: all snapshots
+    presets: Mapping[str, Preset] = field(default_factory=dict)  # for /preset NAME
 
 
 class ChatSession:
@@ -69,13 +73,19 @@ class ChatSession:
         self.cache_is_current = False  # the KV cache holds this conversation (worth a snapshot)
         self.used_tokens = 0
         self.thought_s = 0.0  # how long the last reply thought
+        self.attachments: list[Attachment] = []  # /file: they go with the next message
         self._console: Console | None = None
 
     # --- a turn ---------------------------------------------------------------------------
 
     def send(self, text: str) -> None:
         """One turn: fit the window, save the message, stream and keep the reply."""
+        from localchat.chat.attachments import message_with
+
         engine = self.engine
+        grammar = self.sampling.grammar
+        instruction = grammar.instruction() if grammar else None
+        text = message_with(self.attachments, f"{text}\n\n{instruction}" if instruction else text)
         fit = fit_to_window(self.conversation.add_user(text), engine.count_tokens,
                             engine.n_ctx, self.reply_room(),
                             getattr(engine.info, "n_ctx_train", None))
@@ -83,6 +93,7 @@ class ChatSession:
             print_note(self.env, f"dropped the oldest {fit.dropped_exchanges} exchange(s) to fit "
                                  f"the {engine.n_ctx}-token context window")
         self.conversation = fit.conversation
+        self.attachments = []
         self.save_message("user", text)
         self.reply()
 
@@ -95,7 +106,7 @@ class ChatSession:
         failure: LocalchatError | None = None
         thinking = ThinkingView(self.env, hint="/thinking shows it", console=self._rich_console())
         renderer = None
-        stream = engine.stream_parts(messages_for_model(self.conversation), self.sampling)
+        stream = engine.stream_parts(messages_for_model(self.conversation), self._reply_sampling())
         try:
             for part in stream:
                 if part.kind == REASONING:
@@ -155,6 +166,51 @@ class ChatSession:
         """
         used = self.engine.count_tokens(messages_for_model(self.conversation))
         self.used_tokens = min(used, self.engine.n_ctx)
+
+    # --- files, output shape and presets ---------------------------------------------------
+
+    def attach(self, argument: str, base: Any = None) -> int:
+        """Read a file for the next message (refused if it cannot fit); its cost in tokens."""
+        from localchat.chat.attachments import check_room, message_with, read_attachment
+
+        engine = self.engine
+        room = engine.n_ctx - self.reply_room()
+        attachment = read_attachment(argument, None, room_tokens=room, base=base)
+        pending = [*self.attachments, attachment]
+        before = messages_for_model(self.conversation)
+
+        def count(new: int) -> int:  # the next message so far, with the new file or without
+            content = message_with(pending[:len(self.attachments) + new], "")
+            return engine.count_tokens([*before, {"role": "user", "content": content}])
+
+        cost = check_room([attachment], count, room)[0]
+        self.attachments = pending
+        return cost
+
+    def set_grammar(self, grammar: OutputGrammar | None) -> None:
+        """Constrain the replies from now on (None: free text again)."""
+        from localchat.engine.local import LocalEngine
+
+        if grammar is not None and not isinstance(self.engine, LocalEngine):
+            raise UsageError("a schema needs the local engine",
+                             "the grammar sampler is llama.cpp's; this chat uses a server")
+        sampling = replace(self.sampling, grammar=grammar)
+        if isinstance(self.engine, LocalEngine) and grammar is not None:
+            from localchat.engine.grammar_sampler import without_thinking
+
+            self.engine.check_grammar(grammar)
+            without_thinking(self.engine.thinking, sampling)  # refused here, not at the reply
+        self.sampling = sampling
+
+    def _reply_sampling(self) -> Sampling:
+        """The sampling of a reply: with a schema on, a thinking model does not think."""
+        from localchat.engine.local import LocalEngine
+
+        if self.sampling.grammar is None or not isinstance(self.engine, LocalEngine):
+            return self.sampling
+        from localchat.engine.grammar_sampler import without_thinking
+
+        return without_thinking(self.engine.thinking, self.sampling)
 
     def toolbar(self) -> str:
         """The bottom line: model, tokens used / context size, last decode speed."""
@@ -232,7 +288,7 @@ class ChatSession:
         if self.record is None:
             self.record = self.store.create_conversation(
                 self.model, self.conversation.system, name=self.name,
-                settings={"mode": "repl", **asdict(self.sampling)})
+                settings={"mode": "repl", **self.sampling.record()})
         self.store.add_message(
             self.record.id, role, text, token_count=stats.completion_tokens if stats else None,
             timings=asdict(stats) if stats else None, interrupted=interrupted,

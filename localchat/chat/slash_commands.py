@@ -9,7 +9,7 @@ prints as one line before it reads the next.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from localchat import settings
@@ -276,6 +276,67 @@ def _require_history(chat: ChatSession) -> HistoryStore:
     return chat.store
 
 
+def _file(chat: ChatSession, argument: str) -> bool:
+    if not argument:
+        raise UsageError("usage: /file PATH", "the file goes with your next message")
+    cost = chat.attach(argument)
+    names = ", ".join(attachment.name for attachment in chat.attachments)
+    print_note(chat.env, f"attached {argument} ({cost} tokens); with your next message: {names}")
+    return True
+
+
+def _schema(chat: ChatSession, argument: str) -> bool:
+    from localchat.engine import grammar
+
+    if not argument:
+        current = chat.sampling.grammar
+        print_note(chat.env, f"schema: {current.label if current else 'off'} (/schema SCHEMA, "
+                             "/schema json, /schema off)")
+    elif argument.lower() == "off":
+        chat.set_grammar(None)
+        print_note(chat.env, "replies are free text again")
+    else:
+        chosen = (grammar.json_grammar() if argument.lower() == "json"
+                  else grammar.schema_grammar(argument))
+        chat.set_grammar(chosen)
+        shape = f" following {chosen.label}" if chosen.schema else ""
+        print_note(chat.env, f"replies are JSON{shape} until /schema off")
+    return True
+
+
+def _preset(chat: ChatSession, argument: str) -> bool:
+    from localchat.config import Config, find_preset
+    from localchat.engine.grammar import output_grammar
+
+    if not argument:
+        names = ", ".join(sorted(chat.options.presets)) or "none in config.toml"
+        raise UsageError("usage: /preset NAME", f"presets: {names}")
+    preset = find_preset(Config(presets=chat.options.presets), argument)
+    if preset.model and preset.model != chat.model:
+        chat.switch_model(preset.model)
+    later = []
+    for name, value in preset.settings.items():
+        setting = settings.get(name)
+        if name == "system":
+            _change_system(chat, value)
+        elif name == "markdown":
+            chat.markdown = bool(value)
+        elif setting.scope == "sampling":
+            chat.sampling = replace(chat.sampling, **{name: value})
+        else:
+            later.append(name)
+    chat.set_grammar(output_grammar(preset.schema, preset.format, preset.grammar, preset.base,
+                                    f"[presets.{preset.name}] "))
+    for path in preset.files:
+        chat.attach(path, preset.base)
+    note = f"preset {preset.name}: {preset.summary or 'applied'}"
+    if later:
+        note += (f" ({', '.join(later)} apply when a model loads: start the chat with "
+                 f"--preset {preset.name})")
+    print_note(chat.env, note)
+    return True
+
+
 def _bye(chat: ChatSession, argument: str) -> bool:
     return False
 
@@ -299,6 +360,11 @@ COMMANDS: dict[str, Command] = {
     "/save": Command("/save NAME", "name this conversation, to resume it later", _save),
     "/load": Command("/load NAME", "continue a saved conversation", _load),
     "/history": Command("/history", "recent saved conversations", _history),
+    "/file": Command("/file PATH", "attach a text file to your next message", _file),
+    "/schema": Command("/schema SCHEMA", "replies as JSON: fields, a JSON Schema, json, or off",
+                       _schema),
+    "/preset": Command("/preset NAME", "use a preset of config.toml (model, system, settings)",
+                       _preset),
     "/bye": Command("/bye, /exit", "leave (Ctrl-D too)", _bye),
 }
 ALIASES = {"/exit": "/bye", "/quit": "/bye", "/?": "/help"}
@@ -314,7 +380,7 @@ def completions(chat: ChatSession, text: str) -> list[str]:
     command = ALIASES.get(command.lower(), command.lower())
     *before, word = rest.split(" ")
     if not before:
-        choices = _first_arguments(chat, command)
+        choices = _first_arguments(chat, command, word)
     elif command == "/set" and len(before) == 1 and _is_switch(before[0]):
         choices = ["on", "off"]
     else:
@@ -327,7 +393,13 @@ def _is_switch(name: str) -> bool:
     return setting is not None and setting.slash and setting.kind == "bool"
 
 
-def _first_arguments(chat: ChatSession, command: str) -> list[str]:
+def _first_arguments(chat: ChatSession, command: str, word: str) -> list[str]:
+    if command == "/file":
+        return _paths(word)
+    if command == "/schema":
+        return ["off", "json", *_paths(word)]
+    if command == "/preset":
+        return sorted(chat.options.presets)
     if command == "/set":
         return slash_settings()
     if command == "/model":
@@ -340,6 +412,22 @@ def _first_arguments(chat: ChatSession, command: str) -> list[str]:
         except LocalchatError:
             return []
     return []
+
+
+def _paths(word: str) -> list[str]:
+    """Files and folders (with a trailing /) that complete the path `word`."""
+    import os
+
+    folder, _, start = word.rpartition("/")
+    where = os.path.expanduser(folder + "/" if folder or word.startswith("/") else ".")
+    try:
+        names = sorted(entry.name + ("/" if entry.is_dir() else "")
+                       for entry in os.scandir(where) if entry.name.startswith(start)
+                       and (start.startswith(".") or not entry.name.startswith(".")))
+    except OSError:
+        return []
+    prefix = word[: len(word) - len(start)]
+    return [prefix + name for name in names][:200]
 
 
 def _model_names() -> list[str]:
