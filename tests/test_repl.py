@@ -473,8 +473,8 @@ def test_input_helpers():
     assert clean_text("\ud800") == "?"
 
 
-def test_the_cli_starts_no_chat_with_a_prompt_and_refuses_session_there(smollm2_path):
-    result = run_cli("run", str(smollm2_path), "hi", "--session", "trip")
-    assert result.exit_code == 2
-    assert "--session and --continue are for the interactive chat" in result.stderr
-
+def test_the_cli_starts_no_chat_with_a_prompt_and_session_is_a_one_shot_there(smollm2_path):
+    result = run_cli("run", str(smollm2_path), "hi", "--session", "trip", "-n", "4",
+                     "--temperature", "0")
+    assert result.exit_code == 0 and ">>>" not in result.stdout + result.stderr
+    assert [len(messages) for messages in stored()] == [2]  # recorded in the conversation trip
