@@ -109,8 +109,8 @@ def local_answer(smollm2_path, tmp_path_factory):
 
 
 def raw(server, method: str, path: str, body: bytes | str | None = None,
-        key: str | None = KEY) -> tuple[int, dict, dict]:
-    """One request by hand: status, headers and the JSON body."""
+        key: str | None = KEY) -> tuple[int, object, dict]:
+    """One request by hand: status, headers (looked up case-insensitively) and the JSON body."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     headers = {"Content-Type": "application/json"}
     if key:
@@ -119,7 +119,7 @@ def raw(server, method: str, path: str, body: bytes | str | None = None,
     response = connection.getresponse()
     payload = json.loads(response.read() or b"{}")
     connection.close()
-    return response.status, dict(response.getheaders()), payload
+    return response.status, response.headers, payload
 
 
 def test_models_lists_the_served_model(client):

@@ -9,7 +9,7 @@ answer (`stream_parts`); `stream` gives the answer alone.
 from __future__ import annotations
 
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from localchat import settings
@@ -58,6 +58,26 @@ class Sampling:
             problem = settings.check(setting, getattr(self, setting.name))
             if problem:
                 raise UsageError(f"{setting.name} {problem}")
+
+
+@dataclass(frozen=True)
+class ReplyOptions:
+    """What an API request may add that is no row of the settings table: tool definitions for
+    the chat template, OpenAI's `logit_bias` and `logprobs`. The default adds nothing and costs
+    nothing."""
+
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to logit
+    logprobs: int | None = None  # None: off; N: the chosen token's and the N likeliest (0-20)
+    tools: tuple[Mapping[str, Any], ...] = ()  # OpenAI tool definitions, for the chat template
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before sampling changes it)."""
+
+    token: bytes  # the token's text as the vocabulary spells it (may be part of a character)
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()  # the likeliest tokens, most likely first
 
 
 @dataclass(frozen=True)

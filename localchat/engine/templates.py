@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from localchat.engine import reasoning
 from localchat.errors import EngineError, UsageError
@@ -166,16 +167,19 @@ def _builtin(name: str, source: str) -> ChatTemplate:
 
 def render(
     template: ChatTemplate,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
     think: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """Render messages to the prompt text the model expects; template faults become errors.
 
     `think` is the thinking switch the template may read (`enable_thinking`): on unless False,
-    as llama.cpp passes it (some templates read an undefined switch as off).
+    as llama.cpp passes it (some templates read an undefined switch as off). `tools` (OpenAI
+    tool definitions) reach the template only when given, as Hugging Face's
+    `apply_chat_template(tools=...)` passes them; `renders_tools` says whether it uses them.
     """
     if template.text is None:
         return "\n\n".join(message["content"] for message in messages)
@@ -184,6 +188,9 @@ def render(
     from localchat.engine import template_sandbox
 
     check(template)  # compiled once per template text (cached); a syntax error is named there
+    extra: dict[str, Any] = dict.fromkeys(reasoning.SWITCHES, think is not False)
+    if tools:
+        extra["tools"] = [dict(tool) for tool in tools]
     try:
         return template_sandbox.render(
             template.text,
@@ -191,7 +198,7 @@ def render(
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
-            **dict.fromkeys(reasoning.SWITCHES, think is not False),
+            **extra,
         )
     except template_sandbox.TemplateLimitError as exc:
         raise EngineError(
@@ -214,12 +221,18 @@ def render(
                           _FORMAT_HINT) from exc
 
 
+def renders_tools(template: ChatTemplate) -> bool:
+    """True when the template reads the `tools` variable (Qwen2.5, Hermes, Llama 3.1...)."""
+    return template.text is not None and re.search(r"\btools\b", template.text) is not None
+
+
 def render_pieces(
     template: ChatTemplate,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     bos_token: str = "",
     eos_token: str = "",
     think: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] = (),
 ) -> list[tuple[str, bool]]:
     """The rendered prompt as (text, is_content) pieces: message contents apart from the template.
 
@@ -235,7 +248,7 @@ def render_pieces(
     (its control tokens are read as before), the others are still kept apart. The `raw` format
     has no template: the text is the prompt, as the user wrote it, control tokens included.
     """
-    full = render(template, messages, bos_token, eos_token, think=think)
+    full = render(template, messages, bos_token, eos_token, think=think, tools=tools)
     if template.text is None:
         return [(full, False)]
     candidates = [index for index, message in enumerate(messages)
@@ -245,14 +258,14 @@ def render_pieces(
     nonce = _fresh_nonce(full, template.text, messages)
     render_marked = functools.partial(_marked_render, template, messages, nonce=nonce,
                                       bos_token=bos_token, eos_token=eos_token, full=full,
-                                      think=think)
+                                      think=think, tools=tools)
     pieces = render_marked(candidates)
     if pieces is None:  # rewritten contents: keep apart those that survive alone
         pieces = render_marked([index for index in candidates if render_marked([index])])
     return pieces or [(full, False)]
 
 
-def _fresh_nonce(full: str, text: str, messages: Sequence[dict[str, str]]) -> str:
+def _fresh_nonce(full: str, text: str, messages: Sequence[dict[str, Any]]) -> str:
     """Digits for the markers that occur nowhere yet (private-use brackets, nothing to trim)."""
     while True:
         nonce = str(secrets.randbelow(10**12))
@@ -262,9 +275,10 @@ def _fresh_nonce(full: str, text: str, messages: Sequence[dict[str, str]]) -> st
             return nonce
 
 
-def _marked_render(template: ChatTemplate, messages: Sequence[dict[str, str]],
+def _marked_render(template: ChatTemplate, messages: Sequence[dict[str, Any]],
                    marked: Sequence[int], nonce: str, bos_token: str, eos_token: str,
-                   full: str, think: bool | None = None) -> list[tuple[str, bool]] | None:
+                   full: str, think: bool | None = None,
+                   tools: Sequence[Mapping[str, Any]] = ()) -> list[tuple[str, bool]] | None:
     """Pieces from a render with the `marked` contents as markers, or None if they differ."""
     if not marked:
         return None
@@ -278,7 +292,7 @@ def _marked_render(template: ChatTemplate, messages: Sequence[dict[str, str]],
         copies[index]["content"] = f"{content[:start]}\ue000{nonce}.{index}\ue001" \
                                    f"{content[start + len(core):]}"
     try:
-        rendered = render(template, copies, bos_token, eos_token, think=think)
+        rendered = render(template, copies, bos_token, eos_token, think=think, tools=tools)
     except EngineError:
         return None  # the template looked at the content itself
     parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", rendered)

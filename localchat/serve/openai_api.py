@@ -1,21 +1,22 @@
 """The OpenAI wire format for `localchat serve`: request checking and reply bodies, no I/O.
 
 Requests are checked strictly: an unknown field, a wrong type, or a feature we do not have
-(n > 1, tools, logprobs) is a 400 naming the field, never silently ignored. Sampling defaults
-are `localchat run`'s, so the same request gives the same text.
+(n > 1, echo) is a 400 naming the field, never silently ignored. Sampling defaults are
+`localchat run`'s, so the same request gives the same text. The reply bodies are built by small
+functions (`message`, `delta`, `whole_reply`, `chunk`) that other fields can join.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from localchat import settings
-from localchat.engine.protocol import GenerationStats, Sampling
-
-T = TypeVar("T")  # the type a request field is checked to have
+from localchat.engine.protocol import GenerationStats, ReplyOptions, Sampling, TokenLogprob
 
 # The sampling fields: the settings table's OpenAI names, and other servers' names for them.
 SAMPLING_FIELDS: dict[str, settings.Setting] = {
@@ -25,20 +26,21 @@ _COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "n", "user", "l
                             "logprobs", *SAMPLING_FIELDS})
 FIELDS = {
     "chat": _COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools",
-                              "tool_choice", "parallel_tool_calls", "chat_template_kwargs"},
+                              "tool_choice", "parallel_tool_calls"},
     # max_completion_tokens is the chat API's newer name for max_tokens
     "text": _COMMON_FIELDS - {"max_completion_tokens"} | {"prompt", "echo", "suffix", "best_of"},
 }
 # OpenAI fields for features we lack: accepted only at the value that means "off".
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
-    "suffix": ("",), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},),
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
 }
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (5 for completions; llama-server allows more)
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _OFF_HINTS = {
     "n": "send one request per reply",
 }
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+          "tool": "tool"}
 
 
 class ApiError(Exception):
@@ -60,15 +62,29 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """`response_format`: "text", "json_object" (any JSON object) or "json_schema"."""
+
+    type: str = "text"
+    schema: dict[str, Any] | None = None  # json_schema only
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class Request:
     """A checked request: chat messages or a raw prompt, sampling, and how to answer."""
 
     kind: str  # "chat" or "text"
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     prompt: str | None
     sampling: Sampling
     stream: bool
     include_usage: bool
+    model: str | None = None
+    options: ReplyOptions = field(default_factory=ReplyOptions)  # tools, logit_bias, logprobs
+    tool_choice: str = "auto"  # none | auto | required | function (then `tool_name`)
+    tool_name: str | None = None
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
 
 
 @dataclass(frozen=True)
@@ -81,18 +97,7 @@ class ReplyMeta:
     model: str
 
 
-def decode_json(raw: bytes) -> Any:
-    """The body as JSON; anything else (including NaN and Infinity) is a 400."""
-    def reject(constant: str) -> None:
-        raise ValueError(f"{constant} is not valid JSON")
-
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=reject)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def parse_request(kind: str, body: object, defaults: Sampling) -> Request:
+def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
     """Check a /v1/chat/completions ("chat") or /v1/completions ("text") body.
 
     `defaults` fill the sampling fields a request leaves out: `localchat run`'s for this model.
@@ -110,43 +115,144 @@ def parse_request(kind: str, body: object, defaults: Sampling) -> Request:
             hint = _OFF_HINTS.get(name, "leave it out")
             raise ApiError(400, f"'{name}' = {json.dumps(value)} is not supported; {hint}",
                            param=name, code="unsupported_field")
-    _check_type(body, "model", str)
+    model = _check_type(body, "model", str)
     _check_type(body, "user", str)
     _check_type(body, "parallel_tool_calls", bool)
     stream = _check_type(body, "stream", bool) or False
-    sampling = _sampling(body, defaults)
-    think = _template_switch(body.get("chat_template_kwargs"))
+    tools = _tools(body.get("tools"))
+    tool_choice, tool_name = _tool_choice(body.get("tool_choice"), tools)
     return Request(
         kind=kind,
         messages=_messages(body.get("messages")) if kind == "chat" else None,
         prompt=_prompt(body.get("prompt")) if kind == "text" else None,
-        sampling=sampling if think is None else replace(sampling, think=think),
+        sampling=_sampling(body, defaults),
         stream=stream,
-        include_usage=_include_usage(body.get("stream_options")),
+        include_usage=_include_usage(body.get("stream_options"), stream),
+        model=model,
+        options=ReplyOptions(logit_bias=logit_bias(body.get("logit_bias")),
+                             logprobs=_logprobs(kind, body),
+                             tools=tools if tool_choice != "none" else ()),
+        tool_choice=tool_choice, tool_name=tool_name,
+        response_format=_response_format(body.get("response_format")),
     )
 
 
-def _template_switch(raw: object) -> bool | None:
-    """`chat_template_kwargs: {"enable_thinking": false}`, as llama-server and vLLM take it:
-    the one template variable localchat passes (the thinking switch)."""
+def logit_bias(raw: Any, param: str = "logit_bias") -> dict[int, float]:
+    """{"token id": bias in [-100, 100]} as {id: bias}; -100 bans a token, 100 all but forces
+    it. Whether each id is in the model's vocabulary is checked by the engine."""
     if raw is None:
-        return None
+        return {}
     if not isinstance(raw, dict):
-        raise ApiError(400, "'chat_template_kwargs' must be an object",
-                       param="chat_template_kwargs")
+        raise ApiError(400, f"'{param}' must be an object of token ids to numbers", param=param)
+    bias = {}
     for key, value in raw.items():
-        if key != "enable_thinking":
-            raise ApiError(400, f"chat_template_kwargs.{key} is not supported; only "
-                           "enable_thinking is", param=f"chat_template_kwargs.{key}",
-                           code="unsupported_field")
-        if not isinstance(value, bool):
-            raise ApiError(400, "chat_template_kwargs.enable_thinking must be true or false",
-                           param="chat_template_kwargs.enable_thinking")
-    switch = raw.get("enable_thinking")
-    return switch if isinstance(switch, bool) else None
+        token = key.strip() if isinstance(key, str) else ""
+        if not token.isdigit() or len(token) > 9:
+            raise ApiError(400, f"{param}: {settings.shown(key)} is not a token id", param=param)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not -100 <= value <= 100:
+            raise ApiError(400, f"{param}[{token}] must be a number in [-100, 100] (got "
+                           f"{settings.shown(value)})", param=param)
+        bias[int(token)] = float(value)
+    return bias
 
 
-def _check_type(body: dict[str, Any], name: str, expected: type[T]) -> T | None:
+def _logprobs(kind: str, body: dict[str, Any]) -> int | None:
+    """How many alternatives each token's logprobs carry, or None for no logprobs."""
+    if kind == "text":  # completions: `logprobs` is the number of alternatives
+        value = body.get("logprobs")
+        if value is None:
+            return None
+        return _count(value, "logprobs")
+    wanted = _check_type(body, "logprobs", bool)
+    top = body.get("top_logprobs")
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return _count(top, "top_logprobs") if top is not None else 0 if wanted else None
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'{name}' must be an integer in [0, {MAX_TOP_LOGPROBS}] (got "
+                       f"{settings.shown(value)})", param=name)
+    return value
+
+
+def _tools(raw: Any) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ApiError(400, "'tools' must be a list", param="tools")
+    tools = []
+    for index, tool in enumerate(raw):
+        where = f"tools[{index}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
+                or not isinstance(function, dict):
+            raise ApiError(400, f"{where} must be {{\"type\": \"function\", \"function\": "
+                           "{...}}", param=where)
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise ApiError(400, f"{where}.function.name must be 1-64 letters, digits, _ or -",
+                           param=f"{where}.function.name")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise ApiError(400, f"{where}.function.parameters must be a JSON schema object",
+                           param=f"{where}.function.parameters")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise ApiError(400, f"{where}.function.description must be a string",
+                           param=f"{where}.function.description")
+        clean = {"name": name, "parameters": parameters}
+        if description:
+            clean["description"] = description
+        tools.append({"type": "function", "function": clean})
+    names = [tool["function"]["name"] for tool in tools]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "two tools have the same name", param="tools")
+    return tuple(tools)
+
+
+def _tool_choice(raw: Any, tools: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    if raw is None:
+        return ("auto" if tools else "none"), None
+    if raw in ("none", "auto", "required"):
+        if raw != "none" and not tools:
+            raise ApiError(400, f"'tool_choice' is {raw!r} but no 'tools' were given",
+                           param="tool_choice")
+        return raw, None
+    name = raw.get("function", {}).get("name") if isinstance(raw, dict) and isinstance(
+        raw.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise ApiError(400, "'tool_choice' must be none, auto, required or {\"type\": "
+                       "\"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+    if name not in {tool["function"]["name"] for tool in tools}:
+        raise ApiError(400, f"'tool_choice' names {name!r}, which is not in 'tools'",
+                       param="tool_choice")
+    return "function", name
+
+
+def _response_format(raw: Any) -> ResponseFormat:
+    if raw is None:
+        return ResponseFormat()
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind in ("text", "json_object"):
+        return ResponseFormat(kind)
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict | bool):
+            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema",
+                           param="response_format")
+        name = spec.get("name") if isinstance(spec, dict) else None
+        return ResponseFormat("json_schema", schema if isinstance(schema, dict) else {},
+                              name if isinstance(name, str) else None)
+    raise ApiError(400, "'response_format.type' must be text, json_object or json_schema",
+                   param="response_format")
+
+
+def _check_type(body: dict[str, Any], name: str, expected: type) -> Any:
     value = body.get(name)
     if value is not None and not isinstance(value, expected):
         raise ApiError(400, f"'{name}' must be {_TYPE_NAMES[expected]}", param=name)
@@ -186,7 +292,10 @@ def _field_of(body: dict[str, Any], setting: settings.Setting) -> tuple[str | No
     return (names[0], body[names[0]]) if names else (setting.openai, None)
 
 
-def _messages(raw: object) -> list[dict[str, str]]:
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     messages = []
@@ -196,20 +305,59 @@ def _messages(raw: object) -> list[dict[str, str]]:
             raise ApiError(400, f"{where} must be an object", param=where)
         for key, value in message.items():
             # Clients echo an earlier reply back with its empty extras; those are harmless.
-            # A reply's reasoning_content comes back too: the template drops it, and so do we.
-            if key not in ("role", "content", "name", "reasoning_content") and value is not None:
+            if key not in _MESSAGE_KEYS and value is not None:
                 raise ApiError(400, f"{where}.{key} is not supported", param=f"{where}.{key}")
-        role = message.get("role")
-        role = _ROLES.get(role) if isinstance(role, str) else None  # a list is unhashable
+        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
         if role is None:
             raise ApiError(400, f"{where}.role must be one of system, developer, user, "
-                           f"assistant (got {json.dumps(message.get('role'))})",
+                           f"assistant, tool (got {json.dumps(message.get('role'))})",
                            param=f"{where}.role")
-        messages.append({"role": role, "content": _content(message.get("content"), where)})
+        calls = message.get("tool_calls")
+        content = message.get("content")
+        checked: dict[str, Any] = {"role": role, "content": "" if content is None and (
+            calls or role == "assistant") else _content(content, where)}
+        if calls:
+            if role != "assistant":
+                raise ApiError(400, f"{where}.tool_calls: only assistant messages make calls",
+                               param=f"{where}.tool_calls")
+            checked["tool_calls"] = _tool_calls(calls, where)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise ApiError(400, f"{where}.tool_call_id must be a string",
+                               param=f"{where}.tool_call_id")
+            checked["tool_call_id"] = call_id or ""
+            if isinstance(message.get("name"), str):
+                checked["name"] = message["name"]
+        messages.append(checked)
     return messages
 
 
-def _content(content: object, where: str) -> str:
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier calls as chat templates read them: arguments as an object (the
+    wire's JSON text parsed), as Hugging Face's templates expect."""
+    if not isinstance(raw, list):
+        raise ApiError(400, f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+    calls = []
+    for index, call in enumerate(raw):
+        at = f"{where}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise ApiError(400, f"{at} must hold function.name", param=at)
+        arguments = function.get("arguments", "{}")  # type: ignore[union-attr]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise ApiError(400, f"{at}.function.arguments is not JSON",
+                               param=f"{at}.function.arguments") from None
+        calls.append({"id": call.get("id") or f"call_{index}", "type": "function",
+                      "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -225,7 +373,7 @@ def _content(content: object, where: str) -> str:
                    param=f"{where}.content")
 
 
-def _prompt(raw: object) -> str:
+def _prompt(raw: Any) -> str:
     if isinstance(raw, list) and len(raw) == 1:
         raw = raw[0]  # clients often wrap a single prompt in a list
     if not isinstance(raw, str):
@@ -233,9 +381,12 @@ def _prompt(raw: object) -> str:
     return raw
 
 
-def _include_usage(raw: object) -> bool:
+def _include_usage(raw: Any, stream: bool) -> bool:
     if raw is None:
         return False
+    if not stream:
+        raise ApiError(400, "'stream_options' is only for streamed replies ('stream': true)",
+                       param="stream_options")
     if not isinstance(raw, dict) or set(raw) - {"include_usage"}:
         raise ApiError(400, "'stream_options' may only hold include_usage",
                        param="stream_options")
@@ -256,8 +407,7 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     """OpenAI's token counts, with the KV-cache reuse where OpenAI reports cached tokens."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
             "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens}}
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
@@ -267,42 +417,87 @@ def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
 
 
 def finish_reason(reason: str) -> str:
-    """OpenAI's word for how a reply ended: a full context window is its `length` too, and so
-    is running out of tokens while thinking."""
-    return "length" if reason in ("context", "thinking") else reason
+    """OpenAI's word for how a reply ended: a full context window is its `length` too."""
+    return "length" if reason == "context" else reason
 
 
-def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats,
-                reasoning: str = "") -> dict[str, Any]:
-    """The non-streaming answer; a thinking model's thinking in `reasoning_content`, as
-    llama-server and DeepSeek's API put it."""
+def message(text: str, tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The assistant's message of a whole chat reply."""
+    body: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls
+                            else None}
+    if tool_calls:
+        body["tool_calls"] = list(tool_calls)
+    return body
+
+
+def delta(text: str | None = None, opening: bool = False,
+          tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """What one streamed chat event adds to the message."""
+    body: dict[str, Any] = {"role": "assistant", "content": ""} if opening else {}
+    if text is not None:
+        body["content"] = text
+    if tool_calls:
+        body["tool_calls"] = [{"index": index, **call} for index, call in enumerate(tool_calls)]
+    return body
+
+
+def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats, *,
+                logprobs: Sequence[TokenLogprob] | None = None,
+                tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The non-streaming answer."""
+    finish = "tool_calls" if tool_calls else finish_reason(stats.finish_reason)
     if meta.kind == "chat":
-        message = {"role": "assistant", "content": text}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        choice = {"index": 0, "message": message,
-                  "logprobs": None, "finish_reason": finish_reason(stats.finish_reason)}
+        choice = {"index": 0, "message": message(text, tool_calls),
+                  "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None,
-                  "finish_reason": finish_reason(stats.finish_reason)}
+        choice = {"index": 0, "text": text, "logprobs": text_logprobs(logprobs),
+                  "finish_reason": finish}
     return {**_head(meta, streaming=False), "choices": [choice], "usage": usage(stats)}
 
 
 def chunk(meta: ReplyMeta, text: str | None = None, finish: str | None = None,
-          opening: bool = False, reasoning: str | None = None) -> dict[str, Any]:
-    """One streamed event: the opening role, a piece of text or of thinking
-    (`delta.reasoning_content`), or the closing finish reason."""
+          opening: bool = False, *, logprobs: Sequence[TokenLogprob] | None = None,
+          tool_calls: Sequence[dict[str, Any]] = (), offset: int = 0) -> dict[str, Any]:
+    """One streamed event: the opening role, a piece of text, calls, or the finish reason."""
     if meta.kind == "chat":
-        delta: dict[str, str] = {"role": "assistant", "content": ""} if opening else {}
-        if text is not None:
-            delta["content"] = text
-        if reasoning is not None:
-            delta["reasoning_content"] = reasoning
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        choice: dict[str, Any] = {"index": 0, "delta": delta(text, opening, tool_calls),
+                                  "logprobs": chat_logprobs(logprobs)}
     else:
-        choice = {"index": 0, "text": text or ""}
-    choice.update(logprobs=None, finish_reason=finish_reason(finish) if finish else None)
+        choice = {"index": 0, "text": text or "", "logprobs": text_logprobs(logprobs, offset)}
+    choice["finish_reason"] = finish_reason(finish) if finish else None
     return {**_head(meta, streaming=True), "choices": [choice]}
+
+
+def _token_text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """The chat API's logprobs: each token with its bytes and its likeliest alternatives."""
+    if entries is None:
+        return None
+    return {"content": [
+        {"token": _token_text(entry.token), "logprob": entry.logprob,
+         "bytes": list(entry.token),
+         "top_logprobs": [{"token": _token_text(token), "logprob": logprob,
+                           "bytes": list(token)} for token, logprob in entry.top]}
+        for entry in entries], "refusal": None}
+
+
+def text_logprobs(entries: Sequence[TokenLogprob] | None, offset: int = 0
+                  ) -> dict[str, Any] | None:
+    """The completions API's logprobs: parallel lists, offsets counted in characters."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(_token_text(entry.token))
+    return {"tokens": [_token_text(entry.token) for entry in entries],
+            "token_logprobs": [entry.logprob for entry in entries],
+            "top_logprobs": [{_token_text(token): logprob for token, logprob in entry.top}
+                             for entry in entries],
+            "text_offset": offsets}
 
 
 def usage_chunk(meta: ReplyMeta, stats: GenerationStats) -> dict[str, Any]:

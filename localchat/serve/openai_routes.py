@@ -1,0 +1,178 @@
+"""The OpenAI API: /v1/models, /v1/chat/completions and /v1/completions, streamed as
+server-sent events or whole."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from localchat.engine.local import LocalEngine
+from localchat.serve import openai_api as api
+from localchat.serve import tools
+from localchat.serve.generation import Reply
+from localchat.serve.http import (
+    ClosingStream,
+    guarded,
+    note,
+    openai_error,
+    read_json,
+)
+from localchat.serve.models import ServedModel, header_of
+from localchat.serve.registry import Lease
+from localchat.serve.serving import Serving, Shown, gone_note, reply_note, whole_or_gone
+
+
+def routes() -> list[Route]:
+    """The /v1 routes, their errors in OpenAI's shape."""
+    return [
+        Route("/v1/models", guarded(_models, openai_error), methods=["GET"]),
+        Route("/v1/models/{model:path}", guarded(_model, openai_error), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(_chat, openai_error), methods=["POST"]),
+        Route("/v1/completions", guarded(_text, openai_error), methods=["POST"]),
+    ]
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving  # type: ignore[no-any-return]
+
+
+async def _models(request: Request) -> Response:
+    serving = _serving(request)
+    entries = [api.model_entry(model.id, serving.created, context_of(model))
+               for model in serving.models.list()]
+    return JSONResponse({"object": "list", "data": entries})
+
+
+async def _model(request: Request) -> Response:
+    serving = _serving(request)
+    model = serving.find(request.path_params["model"])
+    return JSONResponse(api.model_entry(model.id, serving.created, context_of(model)))
+
+
+def context_of(model: ServedModel) -> int:
+    """The context window the model has (or will have) loaded: --ctx, else its trained length
+    capped as the engine caps it."""
+    from localchat.engine.local import DEFAULT_CONTEXT
+
+    if model.options.n_ctx:
+        return model.options.n_ctx
+    info = header_of(model.path, model.modified)
+    trained = info.context_length if info is not None else None
+    return min(trained or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
+
+
+async def _chat(request: Request) -> Response:
+    return await _complete(request, "chat")
+
+
+async def _text(request: Request) -> Response:
+    return await _complete(request, "text")
+
+
+async def _complete(request: Request, kind: str) -> Response:
+    serving = _serving(request)
+    body = await read_json(request, _serving(request).client_timeout)
+    name = body.get("model") if isinstance(body, dict) else None
+    served = serving.find(name if isinstance(name, str) else None)
+    parsed = api.parse_request(kind, body, served.sampling)
+    lease = await serving.lease(request, served)
+    try:
+        style = _tool_style(lease.engine, parsed)
+        _check_format(parsed)
+    except api.ApiError:
+        lease.release()
+        raise
+    reply, first = await serving.start(lease, lambda engine: _stream(engine, parsed),
+                                       "messages" if kind == "chat" else "prompt")
+    meta = api.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
+    shown = Shown(reply, first, style, parsed.options.tools)
+    if parsed.stream:
+        return ClosingStream(_events(request, serving, lease, shown, parsed, meta),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    text, logprobs, stats = await whole_or_gone(request, serving, lease, shown)
+    wanted = parsed.options.logprobs is not None
+    return JSONResponse(api.whole_reply(meta, text, stats, logprobs=logprobs if wanted else None,
+                                        tool_calls=[call.openai() for call in shown.calls]))
+
+
+def _stream(engine: LocalEngine, parsed: api.Request) -> Iterator[str]:
+    if parsed.messages is not None:
+        return engine.stream(parsed.messages, parsed.sampling, parsed.options)
+    return engine.stream_text(parsed.prompt or "", parsed.sampling, parsed.options)
+
+
+async def _events(request: Request, serving: Serving, lease: Lease, shown: Shown,
+                  parsed: api.Request, meta: api.ReplyMeta) -> AsyncIterator[str]:
+    """The reply as server-sent events; a client that leaves stops the generation."""
+    reply: Reply = shown.reply
+    wanted = parsed.options.logprobs is not None
+    ended = False
+    try:
+        if meta.kind == "chat":
+            yield _event(api.chunk(meta, opening=True, logprobs=[] if wanted else None))
+        offset = 0
+        try:
+            async for piece in shown:
+                yield _event(api.chunk(meta, text=piece.text, offset=offset,
+                                       logprobs=list(piece.logprobs) if wanted else None))
+                offset += len(piece.text)
+        except Exception as exc:  # the engine failed mid-reply: say so in the stream
+            ended = True
+            note(request, f"error mid-reply: {exc}")
+            yield _event(api.ApiError(500, str(exc), kind="server_error").body())
+            return
+        stats = reply.stats
+        if stats is None or stats.finish_reason == "interrupted":
+            return  # the server is stopping: the stream ends without a finish
+        ended = True
+        calls = [call.openai() for call in shown.calls]
+        if calls:
+            yield _event(api.chunk(meta, tool_calls=calls))
+        yield _event(api.chunk(meta, finish="tool_calls" if calls else stats.finish_reason))
+        if parsed.include_usage:
+            yield _event(api.usage_chunk(meta, stats))
+        yield "data: [DONE]\n\n"
+        note(request, reply_note(stats))
+    finally:
+        if not ended:
+            with anyio.CancelScope(shield=True):
+                stats = await reply.close()
+            if not serving.stopping.is_set():
+                request.scope.setdefault("state", {})["client_gone"] = True
+            note(request, gone_note(stats, serving.stopping.is_set()))
+        lease.release_after(reply.finished)
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def _tool_style(engine: LocalEngine, parsed: api.Request) -> str | None:
+    """How this model writes tool calls; a 400 when the request has tools it cannot take."""
+    if not parsed.options.tools:
+        return None
+    style = tools.style_of(engine.template)
+    if style is None:
+        raise api.ApiError(400, tools.no_tools_reason(engine.template), param="tools",
+                           code="tools_not_supported")
+    if parsed.tool_choice in ("required", "function"):
+        raise api.ApiError(400, "tool_choice 'required' or a named function needs "
+                           "grammar-constrained sampling, which this build lacks; use 'auto'",
+                           param="tool_choice")
+    return style
+
+
+def _check_format(parsed: api.Request) -> None:
+    if parsed.response_format.type != "text":
+        raise api.ApiError(400, f"response_format {parsed.response_format.type} needs "
+                           "grammar-constrained sampling, which this build lacks",
+                           param="response_format")
+
