@@ -137,8 +137,8 @@ def captured(monkeypatch, tmp_path) -> dict[str, Any]:
         seen["engine"] = options
         raise Captured
 
-    def serve(options: Any, served: Any, note: Any) -> int:
-        seen["engine"], seen["sampling"] = options, served.sampling
+    def serve(directory: Any, preload: Any, served: Any, note: Any) -> int:
+        seen["engine"], seen["sampling"] = preload[0].options, preload[0].sampling
         return 0
 
     def run_once(request: Any, env: Any) -> int:
@@ -153,7 +153,7 @@ def captured(monkeypatch, tmp_path) -> dict[str, Any]:
 
     monkeypatch.setattr(localchat.oneshot, "run_once", run_once)
     monkeypatch.setattr(localchat.chat.repl, "run_repl", run_repl)
-    monkeypatch.setattr(localchat.serve.server, "serve_model", serve)
+    monkeypatch.setattr(localchat.serve.server, "serve", serve)
     monkeypatch.setattr(localchat.bench, "run_benchmark", bench)
     monkeypatch.setattr(localchat.cli, "ensure_local", lambda ref, **_: Path("/m/smollm2.gguf"))
     return seen

@@ -97,6 +97,7 @@ class ModelRegistry:
         self._slots: dict[Path, _Slot] = {}
         self._room: asyncio.Condition | None = None  # made on the server's event loop
         self._waiting_loads = 0  # loads waiting for a busy model to go idle
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     # ---- what is loaded ---------------------------------------------------------------------
 
@@ -263,7 +264,9 @@ class ModelRegistry:
                 room.notify_all()
 
         with contextlib.suppress(RuntimeError):  # no event loop (a preload): nobody waits
-            asyncio.get_running_loop().create_task(notify())
+            task = asyncio.get_running_loop().create_task(notify())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 def estimate_bytes(options: EngineOptions, n_ctx: int | None = None) -> int:
