@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 import openai
 import pytest
 from cli_runner import run_cli
+from serve_process import ServeProcess, environment
 
 pytestmark = pytest.mark.slow
 
@@ -29,55 +26,7 @@ PROMPT = "Name three primary colours."
 THREADS = ["--threads", "1"]
 
 
-def _environment(home) -> dict:
-    env = {**os.environ, "LOCALCHAT_HOME": str(home), "HF_HOME": str(home / "hf"),
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("LOCALCHAT_API_KEY", None)
-    return env
-
-
-class ServeProcess:
-    """`localchat serve` in a subprocess; its stderr lines are collected as they come."""
-
-    def __init__(self, args: list[str], env: dict) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "localchat", "serve", *args], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, needle: str, timeout: float = 120) -> str:
-        """The first stderr line containing `needle`, waiting for it."""
-        for line in self.log:
-            if needle in line:
-                return line
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None and self.lines.empty():
-                    break
-                continue
-            self.log.append(line)
-            if needle in line:
-                return line
-        raise AssertionError(f"no line with {needle!r}; stderr so far: {self.log}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+_environment = environment
 
 
 @pytest.fixture(scope="module")
