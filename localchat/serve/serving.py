@@ -67,6 +67,9 @@ class Serving:
         try:
             lease = await until_gone(request, self.registry.acquire(served, options),
                                      on_late_result=lambda lease: lease.release())
+        except ClientGone:
+            note(request, f"client went away while waiting for {served.id}")
+            raise
         except Busy as exc:
             raise RetryLater(str(exc), exc.retry_after) from None
         except LocalchatError as exc:  # the file would not load: say so, the server stays up
