@@ -221,28 +221,41 @@ def test_an_oversized_body_is_refused_while_it_streams_in(server):
     assert status == 413
 
 
-def test_a_full_queue_is_429_with_retry_after(smollm2_path, tmp_path):
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    sock.settimeout(30)
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    return data
+
+
+def test_a_full_queue_is_429_and_ctrl_c_lets_replies_end_cleanly(smollm2_path, tmp_path):
     serve = ServeProcess([str(smollm2_path), "--port", "0", "--queue", "1", *THREADS],
                          environment(tmp_path)).started()
     try:
         holder = open_stream(serve.port, "/v1/chat/completions",
-                             chat_body("Count.", 200, stream=True, ignore_eos=True))
+                             chat_body("Count.", 3000, stream=True, ignore_eos=True))
         holder.recv(4096)
-        queued = open_stream(serve.port, "/v1/chat/completions", chat_body("hi", 1))
+        queued = open_stream(serve.port, "/api/chat", {"model": MODEL, "messages": [
+            {"role": "user", "content": "hi"}]})
         time.sleep(0.3)
         status, headers, raw = post(serve.port, "/v1/chat/completions", chat_body("hi", 1))
         assert status == 429 and int(headers["retry-after"]) >= 1
         assert json.loads(raw)["error"]["type"] == "rate_limit_error"
-        status, _, raw = post(serve.port, "/api/chat", {"model": MODEL, "stream": False,
-                                                        "messages": [{"role": "user",
-                                                                      "content": "hi"}]})
+        status, _, raw = post(serve.port, "/api/generate", {"model": MODEL, "prompt": "hi"})
         assert status == 429 and "queued" in json.loads(raw)["error"]
-        holder.close()
-        queued.close()
-        answers_normally(serve)
+        started = time.monotonic()
+        code = serve.stop()  # Ctrl-C: 5 s of grace for the reply in flight, then it is stopped
     finally:
-        assert serve.stop() == 130
-    assert not any("Traceback" in line for line in serve.log)
+        code = serve.stop()
+    assert code == 130 and time.monotonic() - started < 15
+    streamed = read_all(holder)
+    assert streamed.endswith(b"0\r\n\r\n")  # a whole chunked body, not a cut connection
+    assert b"the server is stopping" in streamed and b'"content":' in streamed
+    assert b"503" in read_all(queued)  # its turn never came
+    assert any("server stopping, generation stopped" in line for line in serve.log)
+    assert not any("Traceback" in line or "Exception" in line for line in serve.log), serve.log
 
 
 def test_still_answering_after_all_of_it(server):

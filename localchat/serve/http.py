@@ -182,6 +182,8 @@ class RequestLog:
             await self.app(scope, receive, sending)
         except ClientGone:
             pass
+        except asyncio.CancelledError:  # uvicorn's last resort at shutdown: the task ends here
+            problem = "cancelled: the server stopped"
         except Exception as exc:  # a bug of ours: one line, a 500 if nothing was sent yet
             problem = f"internal error: {type(exc).__name__}: {exc}"
             if self.verbose:

@@ -27,7 +27,6 @@ from localchat.serve.http import (
 from localchat.serve.models import ServedModel, header_of
 from localchat.serve.openai_api import ApiError
 from localchat.serve.openai_routes import context_of
-from localchat.serve.registry import Lease
 from localchat.serve.serving import Serving, Shown, gone_note, reply_note, whole_or_gone
 
 NDJSON = "application/x-ndjson"
@@ -175,13 +174,13 @@ async def _reply(request: Request, kind: str) -> Response:
         lease.release()
         raise
     reply, first = await serving.start(lease, lambda engine: _stream(engine, parsed),
-                                       "messages" if parsed.messages else "prompt")
+                                       "messages" if parsed.messages else "prompt",
+                                       parsed.keep_alive)
     shown = Shown(reply, first, style, parsed.tools)
     if parsed.stream:
-        return ClosingStream(_lines(request, serving, lease, shown, parsed, started),
+        return ClosingStream(_lines(request, serving, shown, parsed, started, lease.load_s),
                              media_type=NDJSON)
-    text, logprobs, stats = await whole_or_gone(request, serving, lease, shown,
-                                                parsed.keep_alive)
+    text, logprobs, stats = await whole_or_gone(request, serving, shown)
     last = api.part(parsed.kind, parsed.model, text, logprobs=logprobs,
                     tool_calls=[call.ollama() for call in shown.calls])
     return JSONResponse(api.final(last, stats, time.perf_counter() - started, lease.load_s))
@@ -226,8 +225,8 @@ def _check(engine: LocalEngine, parsed: api.Request, name: str) -> str | None:
     return style
 
 
-async def _lines(request: Request, serving: Serving, lease: Lease, shown: Shown,
-                 parsed: api.Request, started: float) -> AsyncIterator[str]:
+async def _lines(request: Request, serving: Serving, shown: Shown, parsed: api.Request,
+                 started: float, load_s: float) -> AsyncIterator[str]:
     """The reply as NDJSON: a line a piece, then the counts (`done`); a client that leaves
     stops the generation."""
     reply = shown.reply
@@ -243,13 +242,14 @@ async def _lines(request: Request, serving: Serving, lease: Lease, shown: Shown,
             yield _line({"error": str(exc)})
             return
         stats = reply.stats
-        if stats is None or stats.finish_reason == "interrupted":
-            return  # the server is stopping: the stream ends without `done`
+        if stats is None or stats.finish_reason == "interrupted":  # the server is stopping
+            yield _line({"error": "the server is stopping; the reply was cut short"})
+            return
         ended = True
         last = api.part(parsed.kind, parsed.model,
                         tool_calls=[call.ollama() for call in shown.calls])
         note(request, reply_note(stats))
-        yield _line(api.final(last, stats, time.perf_counter() - started, lease.load_s))
+        yield _line(api.final(last, stats, time.perf_counter() - started, load_s))
     finally:
         if not ended:
             with anyio.CancelScope(shield=True):
@@ -257,7 +257,6 @@ async def _lines(request: Request, serving: Serving, lease: Lease, shown: Shown,
             if not serving.stopping.is_set():
                 request.scope.setdefault("state", {})["client_gone"] = True
             note(request, gone_note(stats, serving.stopping.is_set()))
-        lease.release_after(reply.finished, parsed.keep_alive)
 
 
 def _line(payload: dict[str, Any]) -> str:

@@ -25,7 +25,6 @@ from localchat.serve.http import (
     read_json,
 )
 from localchat.serve.models import ServedModel, header_of
-from localchat.serve.registry import Lease
 from localchat.serve.serving import Serving, Shown, gone_note, reply_note, whole_or_gone
 
 
@@ -94,10 +93,10 @@ async def _complete(request: Request, kind: str) -> Response:
     meta = api.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
     shown = Shown(reply, first, style, parsed.options.tools)
     if parsed.stream:
-        return ClosingStream(_events(request, serving, lease, shown, parsed, meta),
+        return ClosingStream(_events(request, serving, shown, parsed, meta),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    text, logprobs, stats = await whole_or_gone(request, serving, lease, shown)
+    text, logprobs, stats = await whole_or_gone(request, serving, shown)
     wanted = parsed.options.logprobs is not None
     return JSONResponse(api.whole_reply(meta, text, stats, logprobs=logprobs if wanted else None,
                                         tool_calls=[call.openai() for call in shown.calls]))
@@ -109,8 +108,8 @@ def _stream(engine: LocalEngine, parsed: api.Request) -> Iterator[str]:
     return engine.stream_text(parsed.prompt or "", parsed.sampling, parsed.options)
 
 
-async def _events(request: Request, serving: Serving, lease: Lease, shown: Shown,
-                  parsed: api.Request, meta: api.ReplyMeta) -> AsyncIterator[str]:
+async def _events(request: Request, serving: Serving, shown: Shown, parsed: api.Request,
+                  meta: api.ReplyMeta) -> AsyncIterator[str]:
     """The reply as server-sent events; a client that leaves stops the generation."""
     reply: Reply = shown.reply
     wanted = parsed.options.logprobs is not None
@@ -130,8 +129,10 @@ async def _events(request: Request, serving: Serving, lease: Lease, shown: Shown
             yield _event(api.ApiError(500, str(exc), kind="server_error").body())
             return
         stats = reply.stats
-        if stats is None or stats.finish_reason == "interrupted":
-            return  # the server is stopping: the stream ends without a finish
+        if stats is None or stats.finish_reason == "interrupted":  # the server is stopping
+            yield _event(api.ApiError(503, "the server is stopping; the reply was cut short",
+                                      kind="server_error").body())
+            return
         ended = True
         calls = [call.openai() for call in shown.calls]
         if calls:
@@ -148,7 +149,6 @@ async def _events(request: Request, serving: Serving, lease: Lease, shown: Shown
             if not serving.stopping.is_set():
                 request.scope.setdefault("state", {})["client_gone"] = True
             note(request, gone_note(stats, serving.stopping.is_set()))
-        lease.release_after(reply.finished)
 
 
 def _event(payload: dict[str, Any]) -> str:

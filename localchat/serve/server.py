@@ -30,6 +30,7 @@ from localchat.engine.remote import api_key_from
 from localchat.errors import ExitStatus, LocalchatError, UsageError
 
 SHUTDOWN_GRACE_S = 5  # Ctrl-C: replies in flight get this long to finish, then they are stopped
+SHUTDOWN_BACKSTOP_S = 10  # ... and what still runs this much later is cancelled by uvicorn
 IDLE_TIMEOUT_S = 30  # a keep-alive connection idle this long is closed
 CLIENT_TIMEOUT_S = 30.0  # a client has this long to send a request's head, and again its body
 REAP_INTERVAL_S = 1.0  # how often keep_alive deadlines are checked
@@ -139,9 +140,23 @@ def _run(serving: Any, sock: socket.socket, settings: ServeSettings) -> None:
     config = uvicorn.Config(
         create_app(serving), http=_protocol(settings.client_timeout), ws="none",
         lifespan="on", log_config=None, access_log=False, server_header=False,
-        timeout_keep_alive=IDLE_TIMEOUT_S, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_keep_alive=IDLE_TIMEOUT_S,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_BACKSTOP_S,
         limit_concurrency=MAX_CONNECTIONS)
-    uvicorn.Server(config).run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            """uvicorn's shutdown (no new connections; wait for the requests in flight), with
+            the grace period ended by stopping the replies: each ends at its next token, and a
+            request still queued gets 503, so nothing needs cancelling."""
+            timer = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S,
+                                                          serving.stopping.set)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    Server(config).run(sockets=[sock])
 
 
 def create_app(serving: Any) -> Any:
@@ -260,7 +275,7 @@ class _OneLine(logging.Handler):
         self.log = log
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
+        text = " ".join(record.getMessage().split())
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             text += f": {type(exc).__name__}: {exc}"

@@ -75,28 +75,31 @@ class Serving:
         except LocalchatError as exc:  # the file would not load: say so, the server stays up
             raise ApiError(500, f"{served.id} could not be loaded: {exc}",
                            kind="server_error") from None
+        if self.stopping.is_set():  # queued until the server began to stop
+            lease.release()
+            raise ApiError(503, "the server is stopping", kind="server_error")
         if lease.load_s:
             note(request, f"loaded {served.id} in {lease.load_s:.2f} s")
         return lease
 
     async def start(self, lease: Lease, start: Callable[[LocalEngine], Iterator[str]],
-                    param: str) -> tuple[Reply, Piece | None]:
+                    param: str, keep_alive: Any = ...) -> tuple[Reply, Piece | None]:
         """Start a reply and wait for its first piece, so faults in the prompt are a 400:
         `context_length_exceeded` (OpenAI's code, which clients look for) or `invalid_prompt`.
-        On an error the lease is released once the worker has stopped."""
+
+        The lease is released when the worker is done with the engine, not when the client has
+        read the reply: a slow reader holds its connection, never the model."""
         reply = Reply(lease.engine, lambda: start(lease.engine), self.stopping)
+        lease.release_after(reply.finished, keep_alive)
         try:
             first = await reply.next()
         except ContextOverflowError as exc:
-            lease.release_after(reply.finished)
             raise ApiError(400, exc.message, code="context_length_exceeded",
                            param=param) from None
         except LocalchatError as exc:
-            lease.release_after(reply.finished)
             raise ApiError(400, str(exc), code="invalid_prompt", param=param) from None
         except BaseException:
             reply.stop()
-            lease.release_after(reply.finished)
             raise
         return reply, first
 
@@ -195,10 +198,10 @@ async def whole(shown: Shown) -> tuple[str, list[Any]]:
     return "".join(texts), logprobs
 
 
-async def whole_or_gone(request: Request, serving: Serving, lease: Lease, shown: Shown,
-                        keep_alive: Any = ...) -> tuple[str, list[Any], Any]:
-    """`whole`, stopped when the client leaves; the lease is given back either way. Returns
-    the text, logprobs and stats; ClientGone when the client left (the log says what was cut)."""
+async def whole_or_gone(request: Request, serving: Serving, shown: Shown
+                        ) -> tuple[str, list[Any], Any]:
+    """`whole`, stopped when the client leaves. Returns the text, logprobs and stats;
+    ClientGone when the client left (the log says what was cut)."""
     reply = shown.reply
     try:
         text, logprobs = await until_gone(request, whole(shown))
@@ -209,8 +212,6 @@ async def whole_or_gone(request: Request, serving: Serving, lease: Lease, shown:
     except BaseException:
         await reply.close()
         raise
-    finally:
-        lease.release_after(reply.finished, keep_alive)
     stats = reply.stats
     if stats is None or stats.finish_reason == "interrupted":  # the server is stopping
         raise ApiError(503, "the server is stopping", kind="server_error")
