@@ -13,6 +13,7 @@ from localchat.serve import ollama_api, tools
 from localchat.serve import openai_api as api
 from localchat.serve.http import MAX_NESTING, decode_json
 from localchat.serve.openai_api import ApiError, parse_request
+from localchat.serve.server import serve_settings
 
 HELLO = [{"role": "user", "content": "hi"}]
 WEATHER = {"type": "function", "function": {
@@ -267,3 +268,21 @@ def test_json_bodies_are_bounded_in_nesting_and_strict():
     assert "not valid JSON" in refused(decode_json, b'{"a": NaN}').message
     assert "empty" in refused(decode_json, b"  ").message
     assert "not valid JSON" in refused(decode_json, b"\xff").message
+
+
+# ---- serve's flags -----------------------------------------------------------------------------
+
+def test_serve_flags_are_checked_before_anything_loads(tmp_path):
+    from cli_runner import run_cli
+
+    models = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for model in models:
+        model.write_bytes(b"GGUF")
+    result = run_cli("serve", *map(str, models), "--max-loaded", "1")
+    assert result.exit_code == 2 and "--max-loaded 1 is fewer than the 2 models" in result.stderr
+    for flags, words in ((dict(port=70000), "--port"), (dict(max_loaded=0), "--max-loaded"),
+                         (dict(queue_size=-1), "--queue"), (dict(client_timeout=0),
+                                                            "--client-timeout")):
+        with pytest.raises(Exception) as caught:
+            serve_settings("127.0.0.1", flags.pop("port", 8080), None, **flags)
+        assert words in str(caught.value)

@@ -216,6 +216,13 @@ def test_api_key_is_required(server):
     wrong = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
+    status, _, payload = raw(server, "GET", "/api/tags", key=None)  # Ollama's API too
+    assert status == 401 and "API key" in payload["error"]
+    import ollama
+
+    keyed = ollama.Client(host=server.url.removesuffix("/v1"),
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert [model.model for model in keyed.list().models] == [MODEL_ID]
     assert KEY not in "\n".join(server.log)
 
 
