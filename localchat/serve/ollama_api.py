@@ -17,7 +17,8 @@ from typing import Any
 
 from localchat import settings
 from localchat.engine.protocol import GenerationStats, Sampling, TokenLogprob
-from localchat.serve.openai_api import ApiError, _content, logit_bias
+from localchat.serve import tool_specs
+from localchat.serve.openai_api import ApiError, content_text, logit_bias
 
 # The Ollama release whose API this server follows: clients gate features on /api/version.
 API_VERSION = "0.12.0"
@@ -183,7 +184,7 @@ def _message(raw: Any, index: int) -> dict[str, Any]:
         raise ApiError(400, f"{where}.images: localchat serves text models only")
     content = raw.get("content")
     message: dict[str, Any] = {"role": role,
-                               "content": "" if content is None else _content(content, where)}
+                               "content": "" if content is None else content_text(content, where)}
     calls = raw.get("tool_calls")
     if calls:
         if not isinstance(calls, list) or not all(
@@ -203,12 +204,10 @@ def _message(raw: Any, index: int) -> dict[str, Any]:
 
 
 def _tools(raw: Any) -> tuple[dict[str, Any], ...]:
-    from localchat.serve.openai_api import _tools as openai_tools
-
     try:
-        return openai_tools(raw)
-    except ApiError as exc:
-        raise ApiError(400, exc.message) from None
+        return tool_specs.definitions(raw)
+    except tool_specs.Invalid as problem:
+        raise ApiError(400, problem.message) from None
 
 
 def _format(raw: Any) -> Any:

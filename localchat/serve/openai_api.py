@@ -9,7 +9,6 @@ functions (`message`, `delta`, `whole_reply`, `chunk`) that other fields can joi
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from localchat import settings
 from localchat.engine.protocol import GenerationStats, ReplyOptions, Sampling, TokenLogprob
+from localchat.serve import tool_specs
 
 # The sampling fields: the settings table's OpenAI names, and other servers' names for them.
 SAMPLING_FIELDS: dict[str, settings.Setting] = {
@@ -35,7 +35,6 @@ _ONLY_OFF: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
 }
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (5 for completions; llama-server allows more)
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _OFF_HINTS = {
     "n": "send one request per reply",
 }
@@ -119,8 +118,8 @@ def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
     _check_type(body, "user", str)
     _check_type(body, "parallel_tool_calls", bool)
     stream = _check_type(body, "stream", bool) or False
-    tools = _tools(body.get("tools"))
-    tool_choice, tool_name = _tool_choice(body.get("tool_choice"), tools)
+    tools = _checked(tool_specs.definitions, body.get("tools"))
+    tool_choice, tool_name = _checked(tool_specs.choice, body.get("tool_choice"), tools)
     return Request(
         kind=kind,
         messages=_messages(body.get("messages")) if kind == "chat" else None,
@@ -179,60 +178,6 @@ def _count(value: Any, name: str) -> int:
     return value
 
 
-def _tools(raw: Any) -> tuple[dict[str, Any], ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ApiError(400, "'tools' must be a list", param="tools")
-    tools = []
-    for index, tool in enumerate(raw):
-        where = f"tools[{index}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
-                or not isinstance(function, dict):
-            raise ApiError(400, f"{where} must be {{\"type\": \"function\", \"function\": "
-                           "{...}}", param=where)
-        name = function.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-            raise ApiError(400, f"{where}.function.name must be 1-64 letters, digits, _ or -",
-                           param=f"{where}.function.name")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(parameters, dict):
-            raise ApiError(400, f"{where}.function.parameters must be a JSON schema object",
-                           param=f"{where}.function.parameters")
-        description = function.get("description")
-        if description is not None and not isinstance(description, str):
-            raise ApiError(400, f"{where}.function.description must be a string",
-                           param=f"{where}.function.description")
-        clean = {"name": name, "parameters": parameters}
-        if description:
-            clean["description"] = description
-        tools.append({"type": "function", "function": clean})
-    names = [tool["function"]["name"] for tool in tools]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "two tools have the same name", param="tools")
-    return tuple(tools)
-
-
-def _tool_choice(raw: Any, tools: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
-    if raw is None:
-        return ("auto" if tools else "none"), None
-    if raw in ("none", "auto", "required"):
-        if raw != "none" and not tools:
-            raise ApiError(400, f"'tool_choice' is {raw!r} but no 'tools' were given",
-                           param="tool_choice")
-        return raw, None
-    name = raw.get("function", {}).get("name") if isinstance(raw, dict) and isinstance(
-        raw.get("function"), dict) else None
-    if not isinstance(name, str):
-        raise ApiError(400, "'tool_choice' must be none, auto, required or {\"type\": "
-                       "\"function\", \"function\": {\"name\": ...}}", param="tool_choice")
-    if name not in {tool["function"]["name"] for tool in tools}:
-        raise ApiError(400, f"'tool_choice' names {name!r}, which is not in 'tools'",
-                       param="tool_choice")
-    return "function", name
-
-
 def _response_format(raw: Any) -> ResponseFormat:
     if raw is None:
         return ResponseFormat()
@@ -250,6 +195,14 @@ def _response_format(raw: Any) -> ResponseFormat:
                               name if isinstance(name, str) else None)
     raise ApiError(400, "'response_format.type' must be text, json_object or json_schema",
                    param="response_format")
+
+
+def _checked(check: Any, *args: Any) -> Any:
+    """A `tool_specs` check, its complaint as a 400 naming the field."""
+    try:
+        return check(*args)
+    except tool_specs.Invalid as problem:
+        raise ApiError(400, problem.message, param=problem.param) from None
 
 
 def _check_type(body: dict[str, Any], name: str, expected: type) -> Any:
@@ -315,12 +268,12 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         calls = message.get("tool_calls")
         content = message.get("content")
         checked: dict[str, Any] = {"role": role, "content": "" if content is None and (
-            calls or role == "assistant") else _content(content, where)}
+            calls or role == "assistant") else content_text(content, where)}
         if calls:
             if role != "assistant":
                 raise ApiError(400, f"{where}.tool_calls: only assistant messages make calls",
                                param=f"{where}.tool_calls")
-            checked["tool_calls"] = _tool_calls(calls, where)
+            checked["tool_calls"] = _checked(tool_specs.earlier_calls, calls, where)
         if role == "tool":
             call_id = message.get("tool_call_id")
             if call_id is not None and not isinstance(call_id, str):
@@ -333,31 +286,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
-    """An assistant's earlier calls as chat templates read them: arguments as an object (the
-    wire's JSON text parsed), as Hugging Face's templates expect."""
-    if not isinstance(raw, list):
-        raise ApiError(400, f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
-    calls = []
-    for index, call in enumerate(raw):
-        at = f"{where}.tool_calls[{index}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str):
-            raise ApiError(400, f"{at} must hold function.name", param=at)
-        arguments = function.get("arguments", "{}")  # type: ignore[union-attr]
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments or "{}")
-            except ValueError:
-                raise ApiError(400, f"{at}.function.arguments is not JSON",
-                               param=f"{at}.function.arguments") from None
-        calls.append({"id": call.get("id") or f"call_{index}", "type": "function",
-                      "function": {"name": name, "arguments": arguments}})
-    return calls
-
-
-def _content(content: Any, where: str) -> str:
+def content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts (joined); `where` names it."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
