@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ class Piece:
 class Reply:
     """A reply in progress: `await next()` gives pieces, then None; `stats` is set at the end."""
 
-    def __init__(self, engine: LocalEngine, start: Callable[[], Iterator[str]],
+    def __init__(self, engine: LocalEngine, start: Callable[[], Generator[str, None, None]],
                  stopping: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -52,8 +52,8 @@ class Reply:
     async def next(self) -> Piece | None:
         """The next piece, or None at the end; the engine's errors are raised here."""
         kind, value = await self._queue.get()
-        if kind == "piece":
-            return value  # type: ignore[no-any-return]
+        if isinstance(value, Piece):
+            return value
         if kind == "error":
             raise value
         self.stats = value

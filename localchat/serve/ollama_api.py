@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Any
 
 from localchat import settings
@@ -22,7 +23,6 @@ from localchat.serve.openai_api import ApiError, content_text, logit_bias
 
 # The Ollama release whose API this server follows: clients gate features on /api/version.
 API_VERSION = "0.12.0"
-UNSET: Any = ...  # keep_alive not given: the model keeps the one it has
 
 _OPTIONS = {setting.ollama: setting for setting in settings.SETTINGS if setting.ollama}
 # Ollama options for features we lack: accepted at the value that means "off", or inert.
@@ -48,7 +48,7 @@ class Request:
     sampling: Sampling
     load: dict[str, Any]  # load rows by setting name (num_ctx -> ctx), to reload with
     stream: bool
-    keep_alive: Any = UNSET  # seconds, None for ever, or UNSET
+    keep_alive: float | None | EllipsisType = ...  # seconds, None for ever; ...: not given
     format: Any = None  # None, "json", or a JSON schema
     think: bool | None = None
     tools: tuple[dict[str, Any], ...] = ()
@@ -107,7 +107,7 @@ def _request(kind: str, body: dict[str, Any], defaults: Sampling,
     return Request(
         kind=kind, model=model, messages=messages or None, prompt=prompt, sampling=sampling,
         load=load, stream=True if stream is None else stream,
-        keep_alive=keep_alive(body["keep_alive"]) if "keep_alive" in body else UNSET,
+        keep_alive=keep_alive(body["keep_alive"]) if "keep_alive" in body else ...,
         format=_format(body.get("format")), think=None if think is None else bool(think),
         tools=_tools(body.get("tools")), logprobs=_logprobs(body), logit_bias=bias)
 

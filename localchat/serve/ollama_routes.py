@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import anyio
@@ -56,7 +56,8 @@ def routes() -> list[Route]:
 
 
 def _serving(request: Request) -> Serving:
-    return request.app.state.serving  # type: ignore[no-any-return]
+    serving: Serving = request.app.state.serving
+    return serving
 
 
 async def _root(request: Request) -> Response:
@@ -201,7 +202,7 @@ async def _load_or_unload(request: Request, serving: Serving, model: ServedModel
                                   time.perf_counter() - started, load_s, reason))
 
 
-def _stream(engine: LocalEngine, parsed: api.Request) -> Iterator[str]:
+def _stream(engine: LocalEngine, parsed: api.Request) -> Generator[str, None, None]:
     options = ReplyOptions(logit_bias=parsed.logit_bias, logprobs=parsed.logprobs,
                            tools=parsed.tools)
     if parsed.messages is not None:

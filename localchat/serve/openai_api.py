@@ -260,7 +260,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             # Clients echo an earlier reply back with its empty extras; those are harmless.
             if key not in _MESSAGE_KEYS and value is not None:
                 raise ApiError(400, f"{where}.{key} is not supported", param=f"{where}.{key}")
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = message.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None  # a list is unhashable
         if role is None:
             raise ApiError(400, f"{where}.role must be one of system, developer, user, "
                            f"assistant, tool (got {json.dumps(message.get('role'))})",

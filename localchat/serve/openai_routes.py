@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import anyio
@@ -39,7 +39,8 @@ def routes() -> list[Route]:
 
 
 def _serving(request: Request) -> Serving:
-    return request.app.state.serving  # type: ignore[no-any-return]
+    serving: Serving = request.app.state.serving
+    return serving
 
 
 async def _models(request: Request) -> Response:
@@ -102,7 +103,7 @@ async def _complete(request: Request, kind: str) -> Response:
                                         tool_calls=[call.openai() for call in shown.calls]))
 
 
-def _stream(engine: LocalEngine, parsed: api.Request) -> Iterator[str]:
+def _stream(engine: LocalEngine, parsed: api.Request) -> Generator[str, None, None]:
     if parsed.messages is not None:
         return engine.stream(parsed.messages, parsed.sampling, parsed.options)
     return engine.stream_text(parsed.prompt or "", parsed.sampling, parsed.options)

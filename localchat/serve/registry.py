@@ -21,12 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from localchat.engine.local import EngineOptions, LocalEngine
 from localchat.serve.models import ServedModel, header_of
 
 FOREVER = None  # keep_alive: stay loaded until evicted
+# A keep_alive in seconds, FOREVER, or `...`: the request did not say (the model keeps its own).
+KeepAlive = float | None | EllipsisType
 
 
 class Busy(Exception):
@@ -64,7 +67,7 @@ class Lease:
     started: float = field(default_factory=time.monotonic)
     _released: bool = False
 
-    def release(self, keep_alive: float | None | object = ...) -> None:
+    def release(self, keep_alive: KeepAlive = ...) -> None:
         """Give the model back (once); `keep_alive` (seconds, None for ever) if the request set
         one."""
         if self._released:
@@ -73,7 +76,7 @@ class Lease:
         self.registry._release(self, keep_alive)
 
     def release_after(self, done: asyncio.Future[Any] | None,
-                      keep_alive: float | None | object = ...) -> None:
+                      keep_alive: KeepAlive = ...) -> None:
         """Release when the worker thread using the engine has finished (now if none)."""
         if done is None or done.done():
             self.release(keep_alive)
@@ -154,12 +157,12 @@ class ModelRegistry:
         assert slot.engine is not None
         return Lease(self, slot, slot.engine, load_s)
 
-    def _release(self, lease: Lease, keep_alive: float | None | object) -> None:
+    def _release(self, lease: Lease, keep_alive: KeepAlive) -> None:
         slot = lease.slot
         held = time.monotonic() - lease.started
         slot.reply_s = 0.8 * slot.reply_s + 0.2 * held
-        if keep_alive is not ...:
-            slot.keep_alive = keep_alive  # type: ignore[assignment]
+        if not isinstance(keep_alive, EllipsisType):
+            slot.keep_alive = keep_alive
         slot.last_used = time.monotonic()
         slot.expires_at = None if slot.keep_alive is None else slot.last_used + slot.keep_alive
         slot.users -= 1

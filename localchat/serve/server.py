@@ -230,7 +230,7 @@ def _protocol(head_timeout: float) -> type:
     class Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._watch_head()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from localchat.serve.generation import Piece, Reply
 from localchat.serve.http import ClientGone, note
 from localchat.serve.models import ModelDirectory, NotServed, ServedModel
 from localchat.serve.openai_api import ApiError
-from localchat.serve.registry import Busy, Lease, ModelRegistry
+from localchat.serve.registry import Busy, KeepAlive, Lease, ModelRegistry
 from localchat.serve.tools import CallFilter, ToolCall
 
 T = TypeVar("T")
@@ -82,8 +82,8 @@ class Serving:
             note(request, f"loaded {served.id} in {lease.load_s:.2f} s")
         return lease
 
-    async def start(self, lease: Lease, start: Callable[[LocalEngine], Iterator[str]],
-                    param: str, keep_alive: Any = ...) -> tuple[Reply, Piece | None]:
+    async def start(self, lease: Lease, start: Callable[[LocalEngine], Generator[str, None, None]],
+                    param: str, keep_alive: KeepAlive = ...) -> tuple[Reply, Piece | None]:
         """Start a reply and wait for its first piece, so faults in the prompt are a 400:
         `context_length_exceeded` (OpenAI's code, which clients look for) or `invalid_prompt`.
 
@@ -160,7 +160,7 @@ class Shown:
     with the next piece shown."""
 
     def __init__(self, reply: Reply, first: Piece | None, style: str | None,
-                 tools: tuple[dict[str, Any], ...]) -> None:
+                 tools: Sequence[Mapping[str, Any]]) -> None:
         self.reply = reply
         self._first = first
         names = frozenset(tool["function"]["name"] for tool in tools)

@@ -26,7 +26,7 @@ def definitions(raw: Any) -> tuple[dict[str, Any], ...]:
         return ()
     if not isinstance(raw, list):
         raise Invalid("'tools' must be a list", param="tools")
-    tools = []
+    tools: list[dict[str, Any]] = []
     for index, tool in enumerate(raw):
         where = f"tools[{index}]"
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -85,10 +85,9 @@ def earlier_calls(raw: Any, where: str) -> list[dict[str, Any]]:
     for index, call in enumerate(raw):
         at = f"{where}.tool_calls[{index}]"
         function = call.get("function") if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str):
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise Invalid(f"{at} must hold function.name", param=at)
-        arguments = function.get("arguments", "{}")  # type: ignore[union-attr]
+        name, arguments = function["name"], function.get("arguments", "{}")
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments or "{}")

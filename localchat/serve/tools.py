@@ -103,7 +103,7 @@ def _call_from(body: str, names: frozenset[str], keys: tuple[str, ...]) -> ToolC
         return None
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
-    arguments = next((value[key] for key in keys if key in value), {})
+    arguments: object = next((value[key] for key in keys if key in value), {})
     if isinstance(arguments, str):  # some models write the arguments as JSON text
         try:
             arguments = json.loads(arguments)
