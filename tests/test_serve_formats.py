@@ -79,6 +79,9 @@ def test_tools_tool_choice_and_earlier_calls_in_the_messages():
     assert checked.messages[1]["content"] == ""
     assert checked.messages[2] == {"role": "tool", "content": '{"temp": 21}',
                                    "tool_call_id": "c1"}
+    replay = [*HELLO, {"role": "assistant", "content": "No.", "reasoning_content": "17*23"}]
+    assert parse_request("chat", {"messages": replay}, Sampling()).messages[1] == {
+        "role": "assistant", "content": "No."}  # an earlier reply's thinking is dropped
 
 
 def test_response_format_and_stream_options():

@@ -245,7 +245,9 @@ def _field_of(body: dict[str, Any], setting: settings.Setting) -> tuple[str | No
     return (names[0], body[names[0]]) if names else (setting.openai, None)
 
 
-_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+# A reply's reasoning_content comes back when clients replay it: chat templates drop an earlier
+# reply's thinking, and so do we.
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:
