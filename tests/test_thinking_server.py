@@ -14,6 +14,7 @@ from tests.cli_runner import run_cli
 from tests.test_server import KEY, THREADS, ServeProcess, _environment
 
 QUESTION = [{"role": "user", "content": "Is 391 prime?"}]
+MODEL = "smollm2-r1"  # the served id: the file's name (a request for another model is a 404)
 
 
 def test_chat_template_kwargs_takes_the_thinking_switch_only():
@@ -56,7 +57,7 @@ def client(server):
 
 @pytest.mark.slow
 def test_the_reply_carries_reasoning_content_apart(client):
-    reply = client.chat.completions.create(model="x", messages=QUESTION, temperature=0,
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
                                            max_tokens=24, extra_body={"think_budget": 6})
     message = reply.choices[0].message
     assert message.content and message.model_extra["reasoning_content"]
@@ -66,7 +67,7 @@ def test_the_reply_carries_reasoning_content_apart(client):
 
 @pytest.mark.slow
 def test_streaming_sends_delta_reasoning_content_first(client):
-    stream = client.chat.completions.create(model="x", messages=QUESTION, temperature=0,
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
                                             max_tokens=24, stream=True,
                                             extra_body={"think_budget": 6})
     kinds = []
@@ -85,13 +86,13 @@ def test_streaming_sends_delta_reasoning_content_first(client):
 def test_no_switch_in_the_template_is_a_400(client):
     with pytest.raises(openai.BadRequestError, match="cannot switch its thinking off"):
         client.chat.completions.create(
-            model="x", messages=QUESTION, max_tokens=4,
+            model=MODEL, messages=QUESTION, max_tokens=4,
             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
 
 
 @pytest.mark.slow
 def test_run_with_an_endpoint_keeps_the_thinking_apart(server):
-    result = run_cli("run", "--endpoint", server.url, "--api-key", KEY, "x", "Is 391 prime?",
+    result = run_cli("run", "--endpoint", server.url, "--api-key", KEY, MODEL, "Is 391 prime?",
                      "--temperature", "0", "-n", "24", "--think-budget", "6", "--json")
     record = json.loads(result.stdout)
     assert record["reasoning"] and record["text"] and "</think>" not in record["text"]
@@ -126,3 +127,19 @@ def test_the_remote_engine_splits_reasoning_content_and_markers_left_in():
         body = server.requests[-1]["body"]
         assert body["chat_template_kwargs"] == {"enable_thinking": False}
         assert body["think_budget"] == 8
+
+
+@pytest.mark.slow
+def test_ollamas_api_sends_the_thinking_in_message_thinking(server):
+    import ollama
+
+    local = ollama.Client(host=server.url.removesuffix("/v1"),
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert "thinking" in local.show(MODEL).capabilities
+    reply = local.chat(model=MODEL, messages=QUESTION, options={"temperature": 0,
+                                                                "num_predict": 12})
+    assert reply.message.thinking and reply.done_reason == "length"  # still thinking at 12
+    assert "<think>" not in reply.message.content
+    parts = list(local.chat(model=MODEL, messages=QUESTION, stream=True,
+                            options={"temperature": 0, "num_predict": 12}))
+    assert "".join(part.message.thinking or "" for part in parts) == reply.message.thinking

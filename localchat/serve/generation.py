@@ -20,22 +20,26 @@ from typing import Any
 
 from localchat.engine.local import LocalEngine
 from localchat.engine.protocol import GenerationStats, TokenLogprob
+from localchat.engine.reasoning import ANSWER, Part
 
 _workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of the reply's text and the logprobs of the tokens that made it (if asked)."""
+    """A piece of the reply's text, thinking or answer, and the logprobs of the tokens that
+    made it (if asked)."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = field(default=())
+    kind: str = ANSWER  # or REASONING: a thinking model's thinking
 
 
 class Reply:
     """A reply in progress: `await next()` gives pieces, then None; `stats` is set at the end."""
 
-    def __init__(self, engine: LocalEngine, start: Callable[[], Generator[str, None, None]],
+    def __init__(self, engine: LocalEngine,
+                 start: Callable[[], Generator[str, None, None] | Generator[Part, None, None]],
                  stopping: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -59,15 +63,6 @@ class Reply:
         self.stats = value
         return None
 
-    async def text(self) -> tuple[str, list[TokenLogprob]]:
-        """The rest of the reply, whole, with its logprobs."""
-        texts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        while (piece := await self.next()) is not None:
-            texts.append(piece.text)
-            logprobs.extend(piece.logprobs)
-        return "".join(texts), logprobs
-
     def stop(self) -> None:
         """Ask the worker to stop before its next token."""
         self.cancel.set()
@@ -89,10 +84,12 @@ class Reply:
             pieces = self._start()
             try:
                 taken = 0
-                for text in pieces:
+                for item in pieces:
                     fresh = tuple(self._engine.token_logprobs[taken:])
                     taken += len(fresh)
-                    self._put(("piece", Piece(text, fresh)))
+                    text, kind = (item, ANSWER) if isinstance(item, str) else (item.text,
+                                                                              item.kind)
+                    self._put(("piece", Piece(text, fresh, kind)))
                     if self.cancel.is_set() or self._stopping.is_set():
                         break
             finally:

@@ -9,6 +9,7 @@ it); the server never downloads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import threading
@@ -151,9 +152,12 @@ def describe_with(values_for: Callable[[Any], Mapping[str, Any]], verbose: bool)
     def describe(ref: Any, path: Path) -> ServedModel:
         values = values_for(ref)
         file = getattr(ref, "file", None)
+        spec = getattr(ref, "spec", None)  # the catalog knows a thinking model the file may not
+        options = EngineOptions.from_settings(values, path, verbose=verbose)
+        if spec is not None and spec.thinking:
+            options = dataclasses.replace(options, thinking=spec.thinking)
         return ServedModel(
-            id=path.stem if ref.kind == "path" else ref.name, path=path,
-            options=EngineOptions.from_settings(values, path, verbose=verbose),
+            id=path.stem if ref.kind == "path" else ref.name, path=path, options=options,
             sampling=Sampling.from_settings(values), quant=_quant(ref, path),
             parameters=file.parameters if file is not None else None)
 

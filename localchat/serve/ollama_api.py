@@ -8,6 +8,7 @@ means "off"; an unknown one is a 400 naming it. Errors are Ollama's `{"error": "
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
@@ -104,6 +105,8 @@ def _request(kind: str, body: dict[str, Any], defaults: Sampling,
     think = body.get("think")
     if think is not None and not isinstance(think, bool | str):
         raise ApiError(400, "think must be true, false, or a level (low, medium, high)")
+    if think is not None:  # the template's switch; "low"/"high" levels: on, as localchat has none
+        sampling = dataclasses.replace(sampling, think=bool(think))
     return Request(
         kind=kind, model=model, messages=messages or None, prompt=prompt, sampling=sampling,
         load=load, stream=True if stream is None else stream,
@@ -269,23 +272,29 @@ def unix_time(seconds: float | None) -> str:
 
 
 def done_reason(reason: str) -> str:
-    """Ollama's done_reason: stop or length (a full context window is length too)."""
-    return "stop" if reason == "stop" else "length" if reason in ("length", "context") \
-        else reason
+    """Ollama's done_reason: stop or length (a full context window is length too, and so is a
+    limit reached while thinking)."""
+    return "stop" if reason == "stop" else "length" if reason in (
+        "length", "context", "thinking") else reason
 
 
 def part(kind: str, model: str, text: str = "", *,
          tool_calls: Sequence[dict[str, Any]] = (),
-         logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
-    """One streamed line, or the text of a whole reply before `final` adds the counts."""
+         logprobs: Sequence[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
+    """One streamed line, or the text of a whole reply before `final` adds the counts; a
+    thinking model's thinking in `thinking`, as Ollama sends it."""
     body: dict[str, Any] = {"model": model, "created_at": now()}
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
         if tool_calls:
             message["tool_calls"] = list(tool_calls)
         body["message"] = message
     else:
         body["response"] = text
+        if thinking:
+            body["thinking"] = thinking
     if logprobs:
         body["logprobs"] = [_logprob(entry) for entry in logprobs]
     body["done"] = False

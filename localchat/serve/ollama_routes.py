@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from localchat.engine.local import LocalEngine
 from localchat.engine.protocol import ReplyOptions
+from localchat.engine.reasoning import REASONING, Part
 from localchat.serve import ollama_api as api
 from localchat.serve import tools
 from localchat.serve.http import (
@@ -126,6 +127,9 @@ async def _show(request: Request) -> Response:
     capabilities = ["completion"]
     if template is not None and tools.style_of(template):
         capabilities.append("tools")
+    if template is not None and templates.thinking_of(template, info.special_tokens,
+                                                      model.options.thinking):
+        capabilities.append("thinking")
     return JSONResponse({
         "license": info.license or "", "modified_at": api.unix_time(model.modified),
         "modelfile": f"# localchat serves this file as it is\nFROM {model.path}\n",
@@ -181,10 +185,11 @@ async def _reply(request: Request, kind: str) -> Response:
     if parsed.stream:
         return ClosingStream(_lines(request, serving, shown, parsed, started, lease.load_s),
                              media_type=NDJSON)
-    text, logprobs, stats = await whole_or_gone(request, serving, shown)
-    last = api.part(parsed.kind, parsed.model, text, logprobs=logprobs,
-                    tool_calls=[call.ollama() for call in shown.calls])
-    return JSONResponse(api.final(last, stats, time.perf_counter() - started, lease.load_s))
+    whole = await whole_or_gone(request, serving, shown)
+    last = api.part(parsed.kind, parsed.model, whole.text, logprobs=whole.logprobs,
+                    tool_calls=[call.ollama() for call in shown.calls], thinking=whole.reasoning)
+    return JSONResponse(api.final(last, whole.stats, time.perf_counter() - started,
+                                  lease.load_s))
 
 
 async def _load_or_unload(request: Request, serving: Serving, model: ServedModel,
@@ -202,18 +207,19 @@ async def _load_or_unload(request: Request, serving: Serving, model: ServedModel
                                   time.perf_counter() - started, load_s, reason))
 
 
-def _stream(engine: LocalEngine, parsed: api.Request) -> Generator[str, None, None]:
+def _stream(engine: LocalEngine, parsed: api.Request
+            ) -> Generator[Part, None, None] | Generator[str, None, None]:
     options = ReplyOptions(logit_bias=parsed.logit_bias, logprobs=parsed.logprobs,
                            tools=parsed.tools)
-    if parsed.messages is not None:
-        return engine.stream(parsed.messages, parsed.sampling, options)
+    if parsed.messages is not None:  # a thinking model's thinking apart from the answer
+        return engine.stream_parts(parsed.messages, parsed.sampling, options)
     return engine.stream_text(parsed.prompt or "", parsed.sampling, options)
 
 
 def _check(engine: LocalEngine, parsed: api.Request, name: str) -> str | None:
     """What the model cannot do for this request is a 400, in Ollama's words where it has
     them; the tool-call style when the request has tools."""
-    if parsed.think:
+    if parsed.think and engine.thinking is None:
         raise ApiError(400, f'"{name}" does not support thinking')
     if parsed.format is not None:
         raise ApiError(400, "format needs grammar-constrained sampling, which this build lacks")
@@ -235,8 +241,10 @@ async def _lines(request: Request, serving: Serving, shown: Shown, parsed: api.R
     try:
         try:
             async for piece in shown:
-                yield _line(api.part(parsed.kind, parsed.model, piece.text,
-                                     logprobs=piece.logprobs))
+                thinking = piece.kind == REASONING
+                yield _line(api.part(parsed.kind, parsed.model, "" if thinking else piece.text,
+                                     logprobs=piece.logprobs,
+                                     thinking=piece.text if thinking else ""))
         except Exception as exc:  # the engine failed mid-reply: Ollama's error line
             ended = True
             note(request, f"error mid-reply: {exc}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from localchat import settings
@@ -26,7 +26,7 @@ _COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "n", "user", "l
                             "logprobs", *SAMPLING_FIELDS})
 FIELDS = {
     "chat": _COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools",
-                              "tool_choice", "parallel_tool_calls"},
+                              "tool_choice", "parallel_tool_calls", "chat_template_kwargs"},
     # max_completion_tokens is the chat API's newer name for max_tokens
     "text": _COMMON_FIELDS - {"max_completion_tokens"} | {"prompt", "echo", "suffix", "best_of"},
 }
@@ -120,11 +120,13 @@ def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
     stream = _check_type(body, "stream", bool) or False
     tools = _checked(tool_specs.definitions, body.get("tools"))
     tool_choice, tool_name = _checked(tool_specs.choice, body.get("tool_choice"), tools)
+    sampling = _sampling(body, defaults)
+    think = _template_switch(body.get("chat_template_kwargs"))
     return Request(
         kind=kind,
         messages=_messages(body.get("messages")) if kind == "chat" else None,
         prompt=_prompt(body.get("prompt")) if kind == "text" else None,
-        sampling=_sampling(body, defaults),
+        sampling=sampling if think is None else replace(sampling, think=think),
         stream=stream,
         include_usage=_include_usage(body.get("stream_options"), stream),
         model=model,
@@ -134,6 +136,26 @@ def parse_request(kind: str, body: Any, defaults: Sampling) -> Request:
         tool_choice=tool_choice, tool_name=tool_name,
         response_format=_response_format(body.get("response_format")),
     )
+
+
+def _template_switch(raw: object) -> bool | None:
+    """`chat_template_kwargs: {"enable_thinking": false}`, as llama-server and vLLM take it:
+    the one template variable localchat passes (the thinking switch)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object",
+                       param="chat_template_kwargs")
+    for key, value in raw.items():
+        if key != "enable_thinking":
+            raise ApiError(400, f"chat_template_kwargs.{key} is not supported; only "
+                           "enable_thinking is", param=f"chat_template_kwargs.{key}",
+                           code="unsupported_field")
+        if not isinstance(value, bool):
+            raise ApiError(400, "chat_template_kwargs.enable_thinking must be true or false",
+                           param="chat_template_kwargs.enable_thinking")
+    switch = raw.get("enable_thinking")
+    return switch if isinstance(switch, bool) else None
 
 
 def logit_bias(raw: Any, param: str = "logit_bias") -> dict[int, float]:
@@ -340,7 +362,8 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     """OpenAI's token counts, with the KV-cache reuse where OpenAI reports cached tokens."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
             "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": stats.reasoning_tokens}}
 
 
 def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
@@ -350,25 +373,34 @@ def new_meta(kind: str, id_suffix: str, model: str) -> ReplyMeta:
 
 
 def finish_reason(reason: str) -> str:
-    """OpenAI's word for how a reply ended: a full context window is its `length` too."""
-    return "length" if reason == "context" else reason
+    """OpenAI's word for how a reply ended: a full context window is its `length` too, and so
+    is running out of tokens while thinking."""
+    return "length" if reason in ("context", "thinking") else reason
 
 
-def message(text: str, tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The assistant's message of a whole chat reply."""
+def message(text: str, tool_calls: Sequence[dict[str, Any]] = (),
+            reasoning: str = "") -> dict[str, Any]:
+    """The assistant's message of a whole chat reply; a thinking model's thinking in
+    `reasoning_content`, as llama-server and DeepSeek's API put it."""
     body: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls
                             else None}
+    if reasoning:
+        body["reasoning_content"] = reasoning
     if tool_calls:
         body["tool_calls"] = list(tool_calls)
     return body
 
 
 def delta(text: str | None = None, opening: bool = False,
-          tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """What one streamed chat event adds to the message."""
+          tool_calls: Sequence[dict[str, Any]] = (), reasoning: str | None = None
+          ) -> dict[str, Any]:
+    """What one streamed chat event adds to the message: text, thinking
+    (`reasoning_content`) or calls."""
     body: dict[str, Any] = {"role": "assistant", "content": ""} if opening else {}
     if text is not None:
         body["content"] = text
+    if reasoning is not None:
+        body["reasoning_content"] = reasoning
     if tool_calls:
         body["tool_calls"] = [{"index": index, **call} for index, call in enumerate(tool_calls)]
     return body
@@ -376,11 +408,11 @@ def delta(text: str | None = None, opening: bool = False,
 
 def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats, *,
                 logprobs: Sequence[TokenLogprob] | None = None,
-                tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                tool_calls: Sequence[dict[str, Any]] = (), reasoning: str = "") -> dict[str, Any]:
     """The non-streaming answer."""
     finish = "tool_calls" if tool_calls else finish_reason(stats.finish_reason)
     if meta.kind == "chat":
-        choice = {"index": 0, "message": message(text, tool_calls),
+        choice = {"index": 0, "message": message(text, tool_calls, reasoning),
                   "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": text_logprobs(logprobs),
@@ -390,10 +422,13 @@ def whole_reply(meta: ReplyMeta, text: str, stats: GenerationStats, *,
 
 def chunk(meta: ReplyMeta, text: str | None = None, finish: str | None = None,
           opening: bool = False, *, logprobs: Sequence[TokenLogprob] | None = None,
-          tool_calls: Sequence[dict[str, Any]] = (), offset: int = 0) -> dict[str, Any]:
-    """One streamed event: the opening role, a piece of text, calls, or the finish reason."""
+          tool_calls: Sequence[dict[str, Any]] = (), offset: int = 0,
+          reasoning: str | None = None) -> dict[str, Any]:
+    """One streamed event: the opening role, a piece of text or of thinking, calls, or the
+    finish reason."""
     if meta.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "delta": delta(text, opening, tool_calls),
+        choice: dict[str, Any] = {"index": 0, "delta": delta(text, opening, tool_calls,
+                                                             reasoning),
                                   "logprobs": chat_logprobs(logprobs)}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": text_logprobs(logprobs, offset)}

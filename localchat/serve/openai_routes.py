@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from localchat.engine.local import LocalEngine
+from localchat.engine.reasoning import REASONING, Part
 from localchat.serve import openai_api as api
 from localchat.serve import tools
 from localchat.serve.generation import Reply
@@ -97,15 +98,17 @@ async def _complete(request: Request, kind: str) -> Response:
         return ClosingStream(_events(request, serving, shown, parsed, meta),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    text, logprobs, stats = await whole_or_gone(request, serving, shown)
+    whole = await whole_or_gone(request, serving, shown)
     wanted = parsed.options.logprobs is not None
-    return JSONResponse(api.whole_reply(meta, text, stats, logprobs=logprobs if wanted else None,
-                                        tool_calls=[call.openai() for call in shown.calls]))
+    return JSONResponse(api.whole_reply(
+        meta, whole.text, whole.stats, logprobs=whole.logprobs if wanted else None,
+        tool_calls=[call.openai() for call in shown.calls], reasoning=whole.reasoning))
 
 
-def _stream(engine: LocalEngine, parsed: api.Request) -> Generator[str, None, None]:
-    if parsed.messages is not None:
-        return engine.stream(parsed.messages, parsed.sampling, parsed.options)
+def _stream(engine: LocalEngine, parsed: api.Request
+            ) -> Generator[Part, None, None] | Generator[str, None, None]:
+    if parsed.messages is not None:  # a thinking model's thinking apart from the answer
+        return engine.stream_parts(parsed.messages, parsed.sampling, parsed.options)
     return engine.stream_text(parsed.prompt or "", parsed.sampling, parsed.options)
 
 
@@ -121,8 +124,11 @@ async def _events(request: Request, serving: Serving, shown: Shown, parsed: api.
         offset = 0
         try:
             async for piece in shown:
-                yield _event(api.chunk(meta, text=piece.text, offset=offset,
-                                       logprobs=list(piece.logprobs) if wanted else None))
+                logprobs = list(piece.logprobs) if wanted else None
+                if piece.kind == REASONING:
+                    yield _event(api.chunk(meta, reasoning=piece.text, logprobs=logprobs))
+                    continue
+                yield _event(api.chunk(meta, text=piece.text, offset=offset, logprobs=logprobs))
                 offset += len(piece.text)
         except Exception as exc:  # the engine failed mid-reply: say so in the stream
             ended = True

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.reasoning import ANSWER, REASONING, Part
 from localchat.errors import ContextOverflowError, LocalchatError
 from localchat.serve.generation import Piece, Reply
 from localchat.serve.http import ClientGone, note
@@ -82,7 +83,9 @@ class Serving:
             note(request, f"loaded {served.id} in {lease.load_s:.2f} s")
         return lease
 
-    async def start(self, lease: Lease, start: Callable[[LocalEngine], Generator[str, None, None]],
+    async def start(self, lease: Lease,
+                    start: Callable[[LocalEngine], Generator[str, None, None]
+                                    | Generator[Part, None, None]],
                     param: str, keep_alive: KeepAlive = ...) -> tuple[Reply, Piece | None]:
         """Start a reply and wait for its first piece, so faults in the prompt are a 400:
         `context_length_exceeded` (OpenAI's code, which clients look for) or `invalid_prompt`.
@@ -171,6 +174,10 @@ class Shown:
         held: list[Any] = []
         piece = self._first
         while piece is not None:
+            if piece.kind != ANSWER:  # thinking: never a call
+                yield piece
+                piece = await self.reply.next()
+                continue
             text = self._filter.feed(piece.text) if self._filter else piece.text
             held += piece.logprobs
             if text:
@@ -183,28 +190,37 @@ class Shown:
                 yield Piece(rest, tuple(held))
 
 
-async def whole(shown: Shown) -> tuple[str, list[Any]]:
-    """A reply's shown text and logprobs, all of it; an engine failure mid-reply is a 500."""
-    texts: list[str] = []
+@dataclass
+class Whole:
+    """A whole reply: the answer, the thinking apart, the logprobs and the stats."""
+
+    text: str
+    reasoning: str
+    logprobs: list[Any]
+    stats: Any
+
+
+async def whole(shown: Shown) -> tuple[str, str, list[Any]]:
+    """A reply's answer, thinking and logprobs, all of it; an engine failure mid-reply is a
+    500."""
+    texts: dict[str, list[str]] = {ANSWER: [], REASONING: []}
     logprobs: list[Any] = []
     try:
         async for piece in shown:
-            texts.append(piece.text)
+            texts.setdefault(piece.kind, []).append(piece.text)
             logprobs.extend(piece.logprobs)
     except ApiError:
         raise
     except LocalchatError as exc:
         raise ApiError(500, str(exc), kind="server_error") from None
-    return "".join(texts), logprobs
+    return "".join(texts[ANSWER]), "".join(texts[REASONING]), logprobs
 
 
-async def whole_or_gone(request: Request, serving: Serving, shown: Shown
-                        ) -> tuple[str, list[Any], Any]:
-    """`whole`, stopped when the client leaves. Returns the text, logprobs and stats;
-    ClientGone when the client left (the log says what was cut)."""
+async def whole_or_gone(request: Request, serving: Serving, shown: Shown) -> Whole:
+    """`whole`, stopped when the client leaves (ClientGone; the log says what was cut)."""
     reply = shown.reply
     try:
-        text, logprobs = await until_gone(request, whole(shown))
+        text, reasoning, logprobs = await until_gone(request, whole(shown))
     except ClientGone:
         stats = await reply.close()
         note(request, gone_note(stats, serving.stopping.is_set()))
@@ -216,4 +232,4 @@ async def whole_or_gone(request: Request, serving: Serving, shown: Shown
     if stats is None or stats.finish_reason == "interrupted":  # the server is stopping
         raise ApiError(503, "the server is stopping", kind="server_error")
     note(request, reply_note(stats))
-    return text, logprobs, stats
+    return Whole(text, reasoning, logprobs, stats)
