@@ -68,6 +68,9 @@ class OutputGrammar:
     gbnf: str
     label: str  # what the user gave, for messages and the history ("name, age int", a path)
     schema: Mapping[str, Any] | None = field(default=None, compare=False)
+    # Lazy: free text until one of these regular expressions matches the reply so far (from its
+    # start); the grammar then holds from the pattern's first group on (a tool call's opening).
+    triggers: tuple[str, ...] = ()
 
     @property
     def is_json(self) -> bool:

@@ -35,8 +35,15 @@ def init_grammar(llama_cpp: ModuleType, vocab: object, grammar: OutputGrammar) -
     """llama.cpp's grammar sampler for `grammar` (the caller frees it), or UsageError with the
     parser's reason on one line."""
     with captured_llama_output() as said:
-        pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.gbnf.encode("utf-8"),
-                                                       b"root")
+        if grammar.triggers:  # lazy: free text until a trigger matches (a tool call's opening)
+            patterns = (ctypes.c_char_p * len(grammar.triggers))(
+                *(pattern.encode("utf-8") for pattern in grammar.triggers))
+            pointer = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                vocab, grammar.gbnf.encode("utf-8"), b"root", patterns, len(grammar.triggers),
+                (llama_cpp.llama_token * 0)(), 0)
+        else:
+            pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.gbnf.encode("utf-8"),
+                                                           b"root")
     if not pointer:
         raise UsageError(f"the grammar {grammar.label} does not parse: {grammar_problem(said)}",
                          "see llama.cpp's grammars/README.md for the GBNF syntax")

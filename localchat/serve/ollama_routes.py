@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Generator
@@ -13,9 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from localchat.engine import grammar
+from localchat.engine.grammar import OutputGrammar
 from localchat.engine.local import LocalEngine
 from localchat.engine.protocol import ReplyOptions
 from localchat.engine.reasoning import REASONING, Part
+from localchat.errors import LocalchatError
 from localchat.serve import ollama_api as api
 from localchat.serve import tools
 from localchat.serve.http import (
@@ -174,10 +178,12 @@ async def _reply(request: Request, kind: str) -> Response:
         return await _load_or_unload(request, serving, model, parsed, options, started)
     lease = await serving.lease(request, model, options)
     try:
-        style = _check(lease.engine, parsed, name)
+        style, constraint = _check(lease.engine, parsed, name)
     except ApiError:
         lease.release()
         raise
+    parsed = dataclasses.replace(parsed, sampling=dataclasses.replace(parsed.sampling,
+                                                                      grammar=constraint))
     reply, first = await serving.start(lease, lambda engine: _stream(engine, parsed),
                                        "messages" if parsed.messages else "prompt",
                                        parsed.keep_alive)
@@ -216,20 +222,27 @@ def _stream(engine: LocalEngine, parsed: api.Request
     return engine.stream_text(parsed.prompt or "", parsed.sampling, options)
 
 
-def _check(engine: LocalEngine, parsed: api.Request, name: str) -> str | None:
+def _check(engine: LocalEngine, parsed: api.Request, name: str
+           ) -> tuple[str | None, OutputGrammar | None]:
     """What the model cannot do for this request is a 400, in Ollama's words where it has
-    them; the tool-call style when the request has tools."""
+    them; the tool-call style, and the grammar the reply keeps to (`format`, or a call's)."""
     if parsed.think and engine.thinking is None:
         raise ApiError(400, f'"{name}" does not support thinking')
-    if parsed.format is not None:
-        raise ApiError(400, "format needs grammar-constrained sampling, which this build lacks")
-    if not parsed.tools:
-        return None
-    style = tools.style_of(engine.template)
-    if style is None:
-        raise ApiError(400, f'"{name}" does not support tools: '
-                       + tools.no_tools_reason(engine.template))
-    return style
+    try:
+        if parsed.format is not None:
+            if parsed.tools:
+                raise ApiError(400, "format and tools cannot be used together")
+            return None, (grammar.json_grammar() if parsed.format == "json"
+                          else grammar.from_schema(parsed.format, "format"))
+        if not parsed.tools:
+            return None, None
+        style = tools.style_of(engine.template)
+        if style is None:
+            raise ApiError(400, f'"{name}" does not support tools: '
+                           + tools.no_tools_reason(engine.template))
+        return style, tools.call_grammar(style, parsed.tools, lazy=True)
+    except LocalchatError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 async def _lines(request: Request, serving: Serving, shown: Shown, parsed: api.Request,

@@ -3,6 +3,7 @@ server-sent events or whole."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Generator
@@ -13,8 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from localchat.engine import grammar
+from localchat.engine.grammar import OutputGrammar
 from localchat.engine.local import LocalEngine
 from localchat.engine.reasoning import REASONING, Part
+from localchat.errors import LocalchatError
 from localchat.serve import openai_api as api
 from localchat.serve import tools
 from localchat.serve.generation import Reply
@@ -85,11 +89,12 @@ async def _complete(request: Request, kind: str) -> Response:
     parsed = api.parse_request(kind, body, served.sampling)
     lease = await serving.lease(request, served)
     try:
-        style = _tool_style(lease.engine, parsed)
-        _check_format(parsed)
+        style, constraint = _constraints(lease.engine, parsed)
     except api.ApiError:
         lease.release()
         raise
+    parsed = dataclasses.replace(parsed, sampling=dataclasses.replace(parsed.sampling,
+                                                                      grammar=constraint))
     reply, first = await serving.start(lease, lambda engine: _stream(engine, parsed),
                                        "messages" if kind == "chat" else "prompt")
     meta = api.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
@@ -162,24 +167,31 @@ def _event(payload: dict[str, Any]) -> str:
     return "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
-def _tool_style(engine: LocalEngine, parsed: api.Request) -> str | None:
-    """How this model writes tool calls; a 400 when the request has tools it cannot take."""
+def _constraints(engine: LocalEngine, parsed: api.Request
+                 ) -> tuple[str | None, OutputGrammar | None]:
+    """How this model writes tool calls, and the grammar the reply keeps to: a call's (from
+    its opening on, or from the start when a call is required) or `response_format`'s. A 400
+    for tools the model's template cannot take, or a schema the grammar cannot enforce."""
+    form = parsed.response_format
     if not parsed.options.tools:
-        return None
+        if form.type == "text":
+            return None, None
+        try:
+            if form.type == "json_object":
+                return None, grammar.json_grammar()
+            return None, grammar.from_schema(form.schema, "response_format.json_schema.schema")
+        except LocalchatError as exc:
+            raise api.ApiError(400, str(exc), param="response_format") from None
+    if form.type != "text":
+        raise api.ApiError(400, "response_format and tools cannot be used together",
+                           param="response_format")
     style = tools.style_of(engine.template)
     if style is None:
         raise api.ApiError(400, tools.no_tools_reason(engine.template), param="tools",
                            code="tools_not_supported")
-    if parsed.tool_choice in ("required", "function"):
-        raise api.ApiError(400, "tool_choice 'required' or a named function needs "
-                           "grammar-constrained sampling, which this build lacks; use 'auto'",
-                           param="tool_choice")
-    return style
-
-
-def _check_format(parsed: api.Request) -> None:
-    if parsed.response_format.type != "text":
-        raise api.ApiError(400, f"response_format {parsed.response_format.type} needs "
-                           "grammar-constrained sampling, which this build lacks",
-                           param="response_format")
+    try:
+        return style, tools.call_grammar(style, parsed.options.tools, parsed.tool_name,
+                                         lazy=parsed.tool_choice == "auto")
+    except LocalchatError as exc:
+        raise api.ApiError(400, str(exc), param="tools") from None
 

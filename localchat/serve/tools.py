@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from localchat.engine.grammar import OutputGrammar, from_schema
 from localchat.engine.templates import ChatTemplate, renders_tools
 
 HERMES = "hermes"
@@ -65,6 +68,45 @@ def no_tools_reason(template: ChatTemplate) -> str:
     return (f"this model's chat template ({template.source}) renders tools, but in a style "
             "localchat cannot parse calls from (it knows Hermes/Qwen <tool_call> and Llama 3.1 "
             "JSON)")
+
+
+def call_grammar(style: str, tools: Sequence[Mapping[str, Any]], only: str | None = None,
+                 lazy: bool = False) -> OutputGrammar:
+    """The grammar of one call in `style` to one of `tools` (or to `only`), its arguments
+    valid against that tool's parameters: the call always parses. Lazy, the model writes
+    freely until it opens a call, and the grammar holds from there (tool_choice auto)."""
+    key = "arguments" if style == HERMES else "parameters"
+    calls = [{"type": "object", "required": ["name", key],
+              "properties": {"name": {"const": tool["function"]["name"]},
+                             key: tool["function"]["parameters"]}}
+             for tool in tools if only in (None, tool["function"]["name"])]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    # The converter names its top rule `root`; inside our own root it is the call.
+    body = _renamed(from_schema(schema, "tools").gbnf, "root", _CALL)
+    if style == HERMES:
+        root = f'root ::= "<tool_call>\\n" {_CALL} "\\n</tool_call>"'
+        triggers = (r"[\s\S]*?(<tool_call>)[\s\S]*",)
+    else:
+        root = f"root ::= {_CALL}"
+        triggers = (r"\s*(\{)[\s\S]*",)
+    return OutputGrammar("gbnf", f"{root}\n{body}", "tools", triggers=triggers if lazy else ())
+
+
+_CALL = "localchat-tool-call"  # no property name makes this rule name
+# GBNF's literals ("...", [...]) apart from rule names, which may be renamed between them.
+_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+
+
+def _renamed(gbnf: str, old: str, new: str) -> str:
+    """`gbnf` with the rule `old` called `new`, in its definition and every reference (never
+    inside a literal: a property may be called "root")."""
+    name = re.compile(rf"(?<![\w-]){re.escape(old)}(?![\w-])")
+    parts = []
+    position = 0
+    for literal in _LITERAL.finditer(gbnf):
+        parts += [name.sub(new, gbnf[position:literal.start()]), literal.group()]
+        position = literal.end()
+    return "".join(parts) + name.sub(new, gbnf[position:])
 
 
 def parse_calls(text: str, style: str, names: frozenset[str]) -> tuple[str, list[ToolCall]]:
