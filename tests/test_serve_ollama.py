@@ -168,3 +168,53 @@ def test_logprobs_and_logit_bias_through_the_openai_api(openai_client, smollm2_p
     with pytest.raises(openai.NotFoundError) as missing:
         openai_client.chat.completions.create(model="qwen2.5", messages=messages, max_tokens=1)
     assert missing.value.code == "model_not_found" and "qwen2.5" in missing.value.message
+
+
+COLOURS = {"type": "object", "properties": {
+    "colours": {"type": "array", "items": {"enum": ["red", "yellow", "blue", "green"]},
+                "minItems": 3, "maxItems": 3}}, "required": ["colours"]}
+
+
+def valid(text: str) -> dict:
+    import jsonschema
+
+    value = json.loads(text)
+    jsonschema.validate(value, COLOURS)
+    return value
+
+
+def test_structured_output_through_both_clients(client, openai_client):
+    messages = [{"role": "user", "content": "The three primary colours, as JSON."}]
+    ollama_reply = client.chat(model="smollm2", messages=messages, format=COLOURS,
+                               options={"temperature": 0, "num_predict": 60})
+    assert ollama_reply.done_reason == "stop" and valid(ollama_reply.message.content)
+    streamed = "".join(part.message.content for part in client.chat(
+        model="smollm2", messages=messages, format=COLOURS, stream=True,
+        options={"temperature": 0, "num_predict": 60}))
+    assert streamed == ollama_reply.message.content
+    generated = client.generate(model="smollm2", prompt="The three primary colours, as JSON.",
+                                format=COLOURS, options={"num_predict": 60, "temperature": 0})
+    assert valid(generated.response) == valid(ollama_reply.message.content)
+    anything = client.generate(model="smollm2", prompt="A colour, as JSON.", format="json",
+                               options={"num_predict": 60, "temperature": 0})
+    assert anything.done_reason != "stop" or isinstance(json.loads(anything.response), dict)
+    schema = {"type": "json_schema", "json_schema": {"name": "colours", "schema": COLOURS}}
+    reply = openai_client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=60, response_format=schema)
+    assert reply.choices[0].finish_reason == "stop" and valid(reply.choices[0].message.content)
+    chunks = openai_client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=60, stream=True,
+        response_format=schema)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        reply.choices[0].message.content
+    anything = openai_client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=60,
+        response_format={"type": "json_object"}).choices[0]
+    assert anything.finish_reason != "stop" or isinstance(json.loads(anything.message.content),
+                                                          dict)
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=5, response_format={
+                "type": "json_schema", "json_schema": {"name": "n", "schema": {
+                    "type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}}})
+    assert caught.value.param == "response_format" and "'minimum'" in caught.value.message

@@ -4,6 +4,8 @@ copies of the SmolLM2 test model; and the stock SmolLM2, whose template has no t
 
 from __future__ import annotations
 
+import json
+
 import ollama
 import openai
 import pytest
@@ -80,3 +82,45 @@ def test_ollama_chat_takes_tools_and_tool_results(server):
     reply = local.chat(model="smollm2-qwen2.5", messages=history, tools=[WEATHER],
                        options={"temperature": 0, "num_predict": 8})
     assert reply.done and reply.prompt_eval_count > 100
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_required_call_is_grammar_constrained_and_parsed(client, style):
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(
+            model=f"smollm2-{style}", messages=ASK, tools=[WEATHER, other], tool_choice=choice,
+            temperature=0, max_tokens=60).choices[0]
+        assert reply.finish_reason == "tool_calls" and not reply.message.content
+        call = reply.message.tool_calls[0]
+        arguments = json.loads(call.function.arguments)
+        if choice == "required":
+            assert call.function.name in ("get_weather", "get_time")
+        else:
+            assert call.function.name == "get_weather" and isinstance(arguments["city"], str)
+        assert call.id.startswith("call_") and call.type == "function"
+    streamed = list(client.chat.completions.create(
+        model=f"smollm2-{style}", messages=ASK, tools=[WEATHER], tool_choice="required",
+        temperature=0, max_tokens=60, stream=True))
+    calls = [c.choices[0].delta.tool_calls for c in streamed if c.choices and
+             c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_weather"
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_leaves_the_model_free_and_a_schema_beyond_the_grammar_is_a_400(client, server):
+    reply = client.chat.completions.create(model="smollm2-qwen2.5", messages=ASK,
+                                           tools=[WEATHER], temperature=0, max_tokens=8)
+    choice = reply.choices[0]
+    assert choice.message.content or choice.message.tool_calls  # free text, or a valid call
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smollm2-qwen2.5", messages=ASK, tools=[bad],
+                                       max_tokens=1)
+    assert caught.value.param == "tools" and "'minimum'" in caught.value.message
+    local = ollama.Client(host=server.base, timeout=180)
+    answered = local.chat(model="smollm2-hermes3", messages=ASK, tools=[WEATHER],
+                          options={"temperature": 0, "num_predict": 8})
+    assert answered.done

@@ -46,10 +46,9 @@ def definitions(raw: Any) -> tuple[dict[str, Any], ...]:
         if description is not None and not isinstance(description, str):
             raise Invalid(f"{where}.function.description must be a string",
                            param=f"{where}.function.description")
-        clean = {"name": name, "parameters": parameters}
-        if description:
-            clean["description"] = description
-        tools.append({"type": "function", "function": clean})
+        # Templates read the description (Hermes 3's fails without one): "" when none is given.
+        tools.append({"type": "function", "function": {
+            "name": name, "description": description or "", "parameters": parameters}})
     names = [tool["function"]["name"] for tool in tools]
     if len(set(names)) != len(names):
         raise Invalid("two tools have the same name", param="tools")
