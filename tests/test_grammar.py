@@ -355,8 +355,8 @@ def test_checking_the_pick_first_gives_what_the_grammar_in_the_chain_gives(engin
     built: list[GrammarSampler] = []
     original = LocalEngine._sampler
 
-    def remembered(self: LocalEngine, given: Sampling) -> object:
-        sampler = original(self, given)
+    def remembered(self: LocalEngine, given: Sampling, *options: object) -> object:
+        sampler = original(self, given, *options)
         built.append(sampler)
         return sampler
 
@@ -365,7 +365,7 @@ def test_checking_the_pick_first_gives_what_the_grammar_in_the_chain_gives(engin
     shortcut = "".join(engine.stream(messages, sampling))
     assert built[0].rejections > 0  # the grammar did refuse picks (the "{" to start with)
 
-    def in_the_chain(self: LocalEngine, given: Sampling) -> object:
+    def in_the_chain(self: LocalEngine, given: Sampling, *options: object) -> object:
         chain = _internals.LlamaSampler()
         self._llama_cpp.llama_sampler_chain_add(
             chain.sampler, init_grammar(self._llama_cpp, self._vocab, given.grammar))
