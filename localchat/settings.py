@@ -29,6 +29,9 @@ Command = Literal["run", "serve", "bench"]
 INT32_MAX = 2**31 - 1  # what llama.cpp's C ints hold
 SEED_MAX = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "a random seed"
 # The built-in chat templates (engine/templates.py FORMAT_NAMES; a test keeps the two equal).
+# llama.cpp's KV cache types localchat offers (engine/local.py maps them to ggml types).
+CACHE_TYPES = ("f16", "q8_0", "q4_0")
+DRAFT_MODES = ("off", "ngram")  # engine/speculative.py: prompt-lookup drafts
 CHAT_FORMATS = ("chatml", "llama3", "gemma", "phi3", "mistral", "llama2", "raw")
 
 
@@ -162,6 +165,11 @@ SETTINGS: tuple[Setting, ...] = (
             "End a thinking model's thinking after N tokens, then it answers; 0 answers at once.",
             flag="--think-budget", low=0, high=INT32_MAX, commands=_SERVED, catalog=True,
             slash=True, openai="think_budget", shown_default="no limit", metavar="N"),
+    Setting("draft", "str", "sampling", "ngram",
+            "Speculative drafts from the context: ngram (prompt lookup, adapts and pauses when "
+            "it does not pay) or off; the text is the same either way.",
+            flag="--draft", commands=_LOAD, choices=DRAFT_MODES, catalog=True, slash=True,
+            metavar="MODE"),
     # ---- load: how the model is opened ----------------------------------------------------------
     Setting("ctx", "int", "load", None, "Context window in tokens.", flag="--ctx", low=16,
             high=2**24, commands=_LOAD, catalog=True, ollama="num_ctx",
@@ -181,6 +189,10 @@ SETTINGS: tuple[Setting, ...] = (
             commands=_SERVED, ollama="use_mlock"),
     Setting("flash_attn", "bool", "load", True, "llama.cpp's flash attention.",
             flag="--flash-attn/--no-flash-attn", commands=_LOAD),
+    Setting("cache_type", "str", "load", "f16",
+            "KV cache type: f16, q8_0 (about half the memory) or q4_0; a quantized cache needs "
+            "flash attention.", flag="--cache-type", commands=_LOAD, choices=CACHE_TYPES,
+            catalog=True, metavar="TYPE"),
     Setting("chat_format", "str", "load", None,
             f"Use a built-in chat template: {', '.join(CHAT_FORMATS[:-1])}, or raw (none).",
             flag="--chat-format", commands=_SERVED, choices=CHAT_FORMATS,

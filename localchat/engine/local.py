@@ -15,7 +15,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from localchat.engine.runtime import (
     physical_core_count,
     route_llama_logs,
 )
+from localchat.engine.speculative import DraftCounters, DraftPolicy, Stepper
 from localchat.errors import ContextOverflowError, EngineError, UsageError
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from localchat.engine.grammar_sampler import GrammarSampler
     from localchat.models.gguf_reader import ModelInfo
 
+# --cache-type names and the ggml types llama.cpp takes for type_k / type_v
+CACHE_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_F16, _Q8_0, _Q4_0
 DEFAULT_CONTEXT = 4096  # a sane cap: KV cache memory grows linearly with the window
 PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
 
@@ -54,7 +57,7 @@ PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
 # The "load" rows of the settings table and the EngineOptions fields that hold them.
 _FIELDS = {"ctx": "n_ctx", "threads": "threads", "gpu_layers": "gpu_layers", "cpu": "cpu_only",
            "mmap": "use_mmap", "mlock": "use_mlock", "flash_attn": "flash_attn",
-           "chat_format": "chat_format"}
+           "cache_type": "cache_type", "chat_format": "chat_format"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class EngineOptions:
     batch_size: int = 512
     flash_attn: bool = True  # llama.cpp's default too: faster prefill and early decode on CPU
     thinking: str | None = None  # the catalog's thinking family, for files that do not say
+    cache_type: str = "f16"  # the KV cache's type (K and V); a quantized V needs flash_attn
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any], model_path: Path,
@@ -93,6 +97,10 @@ class EngineOptions:
             problem = settings.check(setting, getattr(self, _FIELDS[setting.name]))
             if problem:
                 raise UsageError(f"{setting.name} {problem}")
+        if self.cache_type != "f16" and not self.flash_attn:
+            raise UsageError(
+                f"a {self.cache_type} KV cache needs flash attention (llama.cpp quantizes V only "
+                "with it)", "drop --no-flash-attn, or use --cache-type f16")
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,8 @@ class LoadInfo:
     chat_format_source: str
     use_mmap: bool
     flash_attn: bool
+    cache_type: str = "f16"
+    kv_cache_bytes: int | None = None  # llama.cpp's own KV cache buffers for n_ctx
 
 
 @dataclass
@@ -127,6 +137,7 @@ class _Cursor:
     reasoning_tokens: int = 0
     thought: int = 0  # tokens inside the block since it opened, for the budget
     answer_at: int | None = None  # where the answer starts in the KV cache
+    draft: DraftCounters = field(default_factory=DraftCounters)
 
 
 class LocalEngine:
@@ -155,7 +166,8 @@ class LocalEngine:
                     model_path=str(options.model_path), n_ctx=n_ctx, n_batch=options.batch_size,
                     n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers,
                     use_mmap=options.use_mmap, use_mlock=options.use_mlock,
-                    flash_attn=options.flash_attn, verbose=False,
+                    flash_attn=options.flash_attn, type_k=CACHE_GGML_TYPES[options.cache_type],
+                    type_v=CACHE_GGML_TYPES[options.cache_type], verbose=False,
                 )
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(
@@ -180,7 +192,9 @@ class LocalEngine:
             gpu_layers=(model_info.block_count or 0) + 1 if gpu_layers == -1 else gpu_layers,
             backend=compiled_backend() if gpu else "CPU", chat_format=self.template.name,
             chat_format_source=self.template.source, use_mmap=options.use_mmap,
-            flash_attn=options.flash_attn,
+            flash_attn=options.flash_attn, cache_type=options.cache_type,
+            # the cells llama.cpp allocated (n_ctx, maybe rounded up), of the type asked for
+            kv_cache_bytes=_kv_cache_bytes(model_info, self._llama.n_ctx(), options.cache_type),
         )
         self.thinking: Thinking | None = templates.thinking_of(
             self.template, model_info.special_tokens, options.thinking, self._bos_text,
@@ -190,6 +204,8 @@ class LocalEngine:
         # The reply's tokens with their log-probabilities, when `ReplyOptions.logprobs` asks;
         # filled as the reply streams, so a reader can take each token as its text arrives.
         self.token_logprobs: list[TokenLogprob] = []
+        # What drafting has learnt (acceptance, batch cost) carries over from reply to reply.
+        self._policy = DraftPolicy()
 
     def format_prompt(self, messages: Sequence[dict[str, Any]], think: bool | None = None,
                       tools: Sequence[Mapping[str, Any]] = ()) -> str:
@@ -296,46 +312,57 @@ class LocalEngine:
         prefill_started = time.perf_counter()
         llama.eval(tokens[cursor.cached_tokens:])
         cursor.prefill_s = time.perf_counter() - prefill_started
-        while True:
-            budget = sampling.think_budget
-            if budget is not None and reply.thinking and cursor.thought >= budget:
-                assert family is not None  # only a thinking model's reply can be thinking
-                decoder.reset()  # a character cut by the budget is dropped, as at the end
-                if not self._close_thinking(family, sampler, cursor,
-                                            sampling.max_tokens or self.n_ctx):
+        # Log-probabilities read the logits of the one position just evaluated: no drafts then.
+        drafts = sampling.draft != "off" and options.logprobs is None
+        steps = Stepper(llama, self._llama_cpp, sampler, tokens if drafts else None, self.n_ctx,
+                        self._policy,
+                        eog_banned=sampling.ignore_eos and bool(self._end_of_generation_tokens))
+        try:
+            while True:
+                budget = sampling.think_budget
+                if budget is not None and reply.thinking and cursor.thought >= budget:
+                    assert family is not None  # only a thinking model's reply can be thinking
+                    decoder.reset()  # a character cut by the budget is dropped, as at the end
+                    if not self._close_thinking(family, sampler, cursor,
+                                                sampling.max_tokens or self.n_ctx, steps):
+                        cursor.finish_reason = "length"
+                        break
+                    yield from reply.feed(family.close_text)
+                token = steps.sample()
+                now = time.perf_counter()
+                cursor.first_token_at = cursor.first_token_at or now
+                if not sampling.ignore_eos and self._llama_cpp.llama_vocab_is_eog(self._vocab,
+                                                                                  token):
+                    cursor.finish_reason = "stop"
+                    break
+                cursor.last_token_at = now  # the end-of-turn token is not part of the reply
+                cursor.completion_tokens += 1
+                if options.logprobs is not None:
+                    self.token_logprobs.append(self._logprob(token, options.logprobs))
+                was_thinking = reply.thinking
+                parts = reply.feed(decoder.decode(self._piece(token)))
+                if was_thinking or reply.thinking:
+                    cursor.reasoning_tokens += 1
+                    cursor.thought += was_thinking and reply.thinking
+                    if not reply.thinking:  # this token closed the block; the answer comes next
+                        cursor.answer_at = llama.n_tokens + 1
+                for part in parts:
+                    yield Part(REASONING, part.text, cursor.reasoning_tokens) \
+                        if part.kind == REASONING else part
+                if reply.stopped:
+                    cursor.finish_reason = "stop"
+                    break
+                if sampling.max_tokens and cursor.completion_tokens >= sampling.max_tokens:
                     cursor.finish_reason = "length"
                     break
-                yield from reply.feed(family.close_text)
-            token = sampler.sample(llama._ctx, -1)
-            now = time.perf_counter()
-            cursor.first_token_at = cursor.first_token_at or now
-            if not sampling.ignore_eos and self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                cursor.finish_reason = "stop"
-                break
-            cursor.last_token_at = now  # the end-of-turn token is not part of the reply
-            cursor.completion_tokens += 1
-            if options.logprobs is not None:
-                self.token_logprobs.append(self._logprob(token, options.logprobs))
-            was_thinking = reply.thinking
-            parts = reply.feed(decoder.decode(self._piece(token)))
-            if was_thinking or reply.thinking:
-                cursor.reasoning_tokens += 1
-                cursor.thought += was_thinking and reply.thinking
-                if not reply.thinking:  # this token closed the block; the answer comes next
-                    cursor.answer_at = llama.n_tokens + 1
-            for part in parts:
-                yield Part(REASONING, part.text, cursor.reasoning_tokens) \
-                    if part.kind == REASONING else part
-            if reply.stopped:
-                cursor.finish_reason = "stop"
-                break
-            if sampling.max_tokens and cursor.completion_tokens >= sampling.max_tokens:
-                cursor.finish_reason = "length"
-                break
-            if llama.n_tokens + 1 >= self.n_ctx:  # prompt + reply fill the window, no more
-                cursor.finish_reason = "context"
-                break
-            llama.eval([token])
+                if llama.n_tokens + 1 >= self.n_ctx:  # prompt + reply fill the window, no more
+                    cursor.finish_reason = "context"
+                    break
+                steps.advance(token, sampling.max_tokens - cursor.completion_tokens
+                              if sampling.max_tokens else None)
+        finally:
+            steps.finish()  # the KV cache holds exactly input_ids[:n_tokens], drafts or not
+            cursor.draft = steps.counters
         if cursor.finish_reason in ("length", "context") and reply.thinking:
             cursor.finish_reason = "thinking"  # out of tokens before the answer began
         if not reply.stopped:
@@ -437,7 +464,7 @@ class LocalEngine:
         return piece
 
     def _close_thinking(self, family: Family, sampler: Any, cursor: _Cursor,
-                        limit: int) -> bool:
+                        limit: int, steps: Stepper) -> bool:
         """The thinking budget is spent: evaluate the closing marker's tokens as if the model had
         written them, so that it answers next. False when no room is left for an answer."""
         closing = self._llama.tokenize(family.close_text.encode("utf-8"), add_bos=False,
@@ -445,7 +472,8 @@ class LocalEngine:
         room = min(limit - cursor.completion_tokens, self.n_ctx - 1 - self._llama.n_tokens)
         if len(closing) >= room:
             return False
-        self._llama.eval(closing)
+        self._llama.eval(closing)  # first drops the cells of a draft not taken
+        steps.evaluated(closing)
         for token in closing:
             sampler.accept(token)  # as a sampled token is, for the repeat penalties
         cursor.completion_tokens += len(closing)
@@ -465,6 +493,9 @@ class LocalEngine:
             decode_s=(cursor.last_token_at - first) if first and cursor.last_token_at else 0.0,
             finish_reason=cursor.finish_reason,
             reasoning_tokens=cursor.reasoning_tokens,
+            draft_tokens=cursor.draft.drafted,
+            draft_accepted=cursor.draft.accepted,
+            draft_steps=cursor.draft.steps,
         )
 
     def keep_cache_for(self, messages: Sequence[dict[str, str]]) -> None:
@@ -528,6 +559,13 @@ class LocalEngine:
         # llama.cpp dereferences freed memory (a segfault) when a closed model is used
         if getattr(self, "_closed", False):
             raise EngineError("the model was already unloaded", "load it again")
+
+
+def _kv_cache_bytes(model_info: Any, n_ctx: int, cache_type: str) -> int | None:
+    from localchat.models.gguf_reader import estimate_memory
+
+    estimate = estimate_memory(model_info, n_ctx, cache_type)
+    return estimate.kv_cache_bytes if estimate.kv_cache_known else None
 
 
 def context_hint(n_ctx: int, n_ctx_train: int | None, first: str) -> str:

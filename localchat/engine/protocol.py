@@ -38,6 +38,7 @@ class Sampling:
     think: bool | None = None  # None: the template's default (thinking models think)
     think_budget: int | None = None  # tokens of thinking before the closing marker is inserted
     grammar: OutputGrammar | None = None  # --schema, --format json, --grammar: not a setting row
+    draft: str = settings.get("draft").default
 
     @classmethod
     def from_settings(cls, values: Mapping[str, Any]) -> Sampling:
@@ -95,6 +96,22 @@ class GenerationStats:
     finish_reason: str
     tokens_estimated: bool = False  # a remote server sent no usage: the counts are our estimate
     reasoning_tokens: int = 0  # of completion_tokens, those inside the thinking block
+    # Prompt-lookup drafting (engine/speculative.py); all 0 when it is off or never paid.
+    draft_tokens: int = 0  # drafted tokens sent to be verified
+    draft_accepted: int = 0  # of them, taken into the reply
+    draft_steps: int = 0  # verify steps: evaluations that carried a draft
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """The fraction of drafted tokens that were accepted, or None when nothing was drafted."""
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def tokens_per_verify_step(self) -> float | None:
+        """Reply tokens each verify step gave (its accepted drafts and the model's own next
+        token), or None when nothing was drafted."""
+        return (self.draft_accepted + self.draft_steps) / self.draft_steps \
+            if self.draft_steps else None
 
     @property
     def prefill_tokens(self) -> int:

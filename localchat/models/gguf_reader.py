@@ -138,7 +138,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes needed to run a model: weights plus an f16 K and V cache for n_ctx tokens."""
+    """Bytes needed to run a model: weights plus a K and V cache for n_ctx tokens."""
 
     weights_bytes: int
     kv_cache_bytes: int
@@ -537,8 +537,19 @@ def _per_layer(value: Any, n_layer: int) -> list[int] | None:
     return None
 
 
-def estimate_memory(info: ModelInfo, n_ctx: int) -> MemoryEstimate:
-    """Weights plus an f16 KV cache for n_ctx tokens (an upper bound for sliding-window models)."""
+# Bytes per block and elements per block of the KV cache types (ggml's type traits).
+KV_CACHE_BLOCKS = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+
+
+def kv_row_bytes(cache_type: str, elements: int) -> int:
+    """Bytes of one cache row of `elements` values of a type, as ggml_row_size counts them."""
+    block_bytes, block = KV_CACHE_BLOCKS[cache_type]
+    return -(-elements // block) * block_bytes
+
+
+def estimate_memory(info: ModelInfo, n_ctx: int, cache_type: str = "f16") -> MemoryEstimate:
+    """Weights plus a K and V cache of `cache_type` for n_ctx tokens (an upper bound for
+    sliding-window models)."""
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     weights = sum(tensor.nbytes for tensor in info.tensors)
@@ -551,6 +562,6 @@ def estimate_memory(info: ModelInfo, n_ctx: int) -> MemoryEstimate:
     value_length = info.value_length or head_dim
     if not (n_layer and heads_kv and key_length and value_length):
         return MemoryEstimate(weights, 0, weights, kv_cache_known=False)
-    f16_bytes = 2
-    kv_cache = sum(n_ctx * n_kv * (key_length + value_length) * f16_bytes for n_kv in heads_kv)
+    kv_cache = sum(n_ctx * (kv_row_bytes(cache_type, n_kv * key_length)
+                            + kv_row_bytes(cache_type, n_kv * value_length)) for n_kv in heads_kv)
     return MemoryEstimate(weights, kv_cache, weights + kv_cache, kv_cache_known=True)
