@@ -59,6 +59,7 @@ class BenchSettings:
     # program's cached files) instead? Never unasked: it slows the whole machine for a while.
     drop_all_caches: bool = False
     bandwidth: bool = True
+    draft: str = "ngram"  # the draft setting for the decode runs (--draft)
 
     def validate(self) -> None:
         """Refuse sizes that cannot be measured, with a usage error naming the flag."""
@@ -84,6 +85,7 @@ class Measurement:
     ttft_s: float | None = None  # prefill only: from the call to the first generated token
     cache: str | None = None  # load only: cold | warm
     peak_rss_mb: float | None = None
+    draft_acceptance: float | None = None  # decode only: drafted tokens accepted (None: none)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class BenchResult:
     threads: int
     backend: str
     flash_attn: bool
+    cache_type: str
     decode_prompt_tokens: int
     measurements: tuple[Measurement, ...]
     page_cache: PageCacheDrop | None
@@ -176,9 +179,10 @@ def run_benchmark(settings: BenchSettings, options: EngineOptions,
     return BenchResult(
         settings=settings, model_path=options.model_path, model_bytes=info.file_size,
         weights_read_per_token=weights_read_per_token(info),
-        kv_bytes_per_position=estimate_memory(info, 1).kv_cache_bytes,
+        kv_bytes_per_position=estimate_memory(info, 1, options.cache_type).kv_cache_bytes,
         n_ctx=load.n_ctx if load else 0, threads=load.threads if load else 0,
         backend=load.backend if load else "", flash_attn=options.flash_attn,
+        cache_type=options.cache_type,
         decode_prompt_tokens=partial.decode_prompt_tokens,
         measurements=tuple(partial.measurements), page_cache=partial.page_cache,
         bandwidth_gb_per_s=partial.bandwidth, cache_bytes=last_level_cache_bytes(),
@@ -208,11 +212,12 @@ def _measure(settings: BenchSettings, options: EngineOptions, partial: _Partial,
     check_fits(settings, engine.info, partial.decode_prompt_tokens)
     progress("warm-up", done + 1, steps)
     _prefill(engine, prompt, 0)
-    _decode(engine, chat, min(WARMUP_TOKENS, settings.gen_tokens), 0)
+    _decode(engine, chat, min(WARMUP_TOKENS, settings.gen_tokens), 0, settings.draft)
     for repetition in range(1, settings.repetitions + 1):
         progress(f"repetition {repetition}/{settings.repetitions}", done + 1 + repetition, steps)
         partial.measurements.append(_prefill(engine, prompt, repetition))
-        partial.measurements.append(_decode(engine, chat, settings.gen_tokens, repetition))
+        partial.measurements.append(_decode(engine, chat, settings.gen_tokens, repetition,
+                                            settings.draft))
     partial.close()
     if settings.bandwidth:
         progress("memory bandwidth", steps - 1, steps)
@@ -263,12 +268,12 @@ def prompt_of_length(engine: LocalEngine, n_tokens: int) -> list[dict[str, str]]
     return best
 
 
-def _reply(engine: LocalEngine, messages: list[dict[str, str]],
-           max_tokens: int) -> GenerationStats:
+def _reply(engine: LocalEngine, messages: list[dict[str, str]], max_tokens: int,
+           draft: str = "off") -> GenerationStats:
     """GenerationStats of one greedy reply to `messages`, evaluated from an empty KV cache."""
     engine.reset_cache()  # nothing reused from the previous run
     for _ in engine.stream(messages, Sampling(temperature=0, ignore_eos=True,
-                                              max_tokens=max_tokens)):
+                                              max_tokens=max_tokens, draft=draft)):
         pass
     assert engine.last_stats is not None  # set when the stream ends
     return engine.last_stats
@@ -281,10 +286,11 @@ def _prefill(engine: LocalEngine, messages: list[dict[str, str]], repetition: in
 
 
 def _decode(engine: LocalEngine, messages: list[dict[str, str]], n_tokens: int,
-            repetition: int) -> Measurement:
-    stats = _reply(engine, messages, n_tokens)
+            repetition: int, draft: str) -> Measurement:
+    stats = _reply(engine, messages, n_tokens, draft)
     return Measurement("decode", repetition, stats.completion_tokens, stats.decode_s,
-                       stats.decode_tokens_per_s, peak_rss_mb=peak_rss_mb())
+                       stats.decode_tokens_per_s, peak_rss_mb=peak_rss_mb(),
+                       draft_acceptance=stats.draft_acceptance)
 
 
 def weights_read_per_token(info: ModelInfo) -> int:
@@ -480,10 +486,12 @@ def bench_record(result: BenchResult) -> dict[str, Any]:
         "gen_tokens": result.settings.gen_tokens,
         "repetitions": result.settings.repetitions,
         "n_ctx": result.n_ctx, "threads": result.threads, "backend": result.backend,
-        "flash_attn": result.flash_attn,
+        "flash_attn": result.flash_attn, "cache_type": result.cache_type,
+        "draft": result.settings.draft,
+        "draft_acceptance": _median(result.values("decode", "draft_acceptance")),
         **{name: _median(values) for name, values in metrics.items()},
         "load_cold_s": _median(cold),
-        "kv_cache_mb": round(result.kv_bytes_per_position * result.n_ctx / MB, 1),
+        "kv_cache_mb": round(result.kv_bytes_per_position * result.n_ctx / MB, 2),
         "spread": {name: _spread(values) for name, values in metrics.items()},
         "page_cache": asdict(result.page_cache) if result.page_cache else None,
         "memory_bandwidth_gb_per_s": _round(result.bandwidth_gb_per_s),
@@ -538,13 +546,16 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("load, warm page cache", value("load_s", "s", 3), span("load_s", "s", 3)),
         ("load, cold page cache", value("load_cold_s", "s", 3), cold_note),
         ("peak resident memory", megabytes("peak_rss_mb"),
-         f"model file {megabytes('model_size_mb')} + KV cache {megabytes('kv_cache_mb')}"),
+         f"model file {megabytes('model_size_mb')} + {record['cache_type']} KV cache "
+         f"{megabytes('kv_cache_mb')}"),
         ("memory read bandwidth", value("memory_bandwidth_gb_per_s", "GB/s", 1),
          f"{record['threads']} threads, best of {BANDWIDTH_ROUNDS}"),
         ("decode ceiling from bandwidth", value("decode_ceiling_tokens_per_s", "tok/s", 1),
          reached),
         ("set-up", f"{record['threads']} threads, {record['backend']}, ctx {record['n_ctx']:,}",
-         f"flash attention {'on' if record['flash_attn'] else 'off'}"),
+         f"flash attention {'on' if record['flash_attn'] else 'off'}, draft {record['draft']}"
+         + (f" ({record['draft_acceptance']:.0%} accepted)"
+            if record["draft_acceptance"] is not None else "")),
         ("load average", " ".join(f"{value:.2f}" for value in record["load_average"]),
          "other busy processes make every figure lower and noisier"),
     ]

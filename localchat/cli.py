@@ -478,6 +478,34 @@ def serve(
                                   lambda line: render.print_note(env, line)))
 
 
+TASK_GROUPS = ("grounded", "open", "all")  # bench_tasks.TASK_GROUPS, without importing it
+
+
+def _bench_tasks(env: Environment, options: Any, group: str, repetitions: int,
+                 json_output: bool) -> int:
+    """`bench --task GROUP`: the shipped workloads, drafts off and on; the exit status."""
+    from localchat import bench_tasks
+    from localchat.engine.loader import load_engine
+
+    engine = load_engine(options)
+    try:
+        results = bench_tasks.run_tasks(engine, group, repetitions,
+                                        lambda what: render.print_note(env, what)
+                                        if render.stderr_is_terminal(env) else None)
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    finally:
+        engine.close()
+    record = bench_tasks.task_record(results)
+    if json_output:
+        render.print_json(env, {"model": str(options.model_path), "tasks": record,
+                                "threads": engine.info.threads,
+                                "cache_type": options.cache_type})
+    else:
+        render.print_table(env, bench_tasks.TASK_COLUMNS, bench_tasks.task_rows(record))
+    return ExitStatus.OK
+
+
 @app.command(epilog=SOURCES)
 @takes_settings("bench")
 def bench(
@@ -494,6 +522,9 @@ def bench(
     drop_all_caches: Annotated[bool, typer.Option(
         "--drop-all-caches", help="As root, empty the whole machine's page cache for the cold "
         "load when the model file's own pages cannot be dropped.")] = False,
+    task: Annotated[str | None, typer.Option(
+        metavar="GROUP", help="Instead: decode the shipped workloads of GROUP (grounded, open "
+        "or all) with drafts off and on, side by side.")] = None,
     **flags: Any,
 ) -> None:
     """Measure prefill and decode speed, first-token latency, load time and memory."""
@@ -507,9 +538,14 @@ def bench(
     bench_settings = benchmark.BenchSettings(prompt_tokens, gen_tokens, repetitions,
                                              drop_all_caches=drop_all_caches)
     bench_settings.validate()  # before a download can start, like every flag
+    if task is not None and task not in TASK_GROUPS:
+        raise UsageError(f"--task must be one of {', '.join(TASK_GROUPS)} (got {task!r})")
     ref = resolve_model(model or config.model or DEFAULT_MODEL)
     values = settings.merge(given, config.settings, ref.defaults.settings)
     options = _engine_options(values, ref, offline, env, verbose=False)
+    if task is not None:
+        raise typer.Exit(_bench_tasks(env, options, task, repetitions, json_output))
+    bench_settings = replace(bench_settings, draft=values["draft"])
     bar = None
     if render.stderr_is_terminal(env):
         from rich.console import Console
@@ -619,6 +655,9 @@ def show(
     ctx: Annotated[int | None, typer.Option(
         metavar="N", help="Context size for the memory estimate. [default: as run opens it]")
     ] = None,
+    cache_type: Annotated[str | None, typer.Option(
+        "--cache-type", metavar="TYPE", help="KV cache type for the memory estimate: "
+        f"{', '.join(settings.CACHE_TYPES)}. [default: as run opens it]")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
@@ -640,7 +679,9 @@ def show(
     warning = context_warning(n_ctx, info.context_length)
     if warning:
         render.print_note(env, warning)
-    memory, available = estimate_memory(info, n_ctx), available_memory_bytes()
+    kv_type = given_settings({"cache_type": cache_type}).get("cache_type") \
+        or ref.defaults.get("cache_type") or settings.get("cache_type").default
+    memory, available = estimate_memory(info, n_ctx, kv_type), available_memory_bytes()
     thinking = _thinking_of(info, ref)
     if json_output:
         render.print_json(env, render.model_record(ref, info, memory, n_ctx, available,

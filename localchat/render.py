@@ -247,11 +247,22 @@ def format_stats(load: EngineInfo | None, stats: GenerationStats) -> str:
         f"reply {stats.completion_tokens} tok"
         + (f" ({stats.reasoning_tokens} thinking)" if stats.reasoning_tokens else "")
         + f", decode {format_rate(stats.decode_tokens_per_s)}",
-        f"finish {stats.finish_reason}",
     ]
+    drafts = format_drafts(stats)
+    if drafts:
+        parts.append(f"drafts {drafts}")
+    parts.append(f"finish {stats.finish_reason}")
     if stats.tokens_estimated:
         parts.append("token counts estimated (the server sent none)")
     return " · ".join(parts)
+
+
+def format_drafts(stats: GenerationStats) -> str:
+    """Drafting in words ("84% of 120 accepted, 3.2 tok/step"), or "" when nothing was drafted."""
+    acceptance, per_step = stats.draft_acceptance, stats.tokens_per_verify_step
+    if acceptance is None or per_step is None:
+        return ""
+    return f"{acceptance:.0%} of {stats.draft_tokens} accepted, {per_step:.1f} tok/step"
 
 
 def stats_record(text: str, load: EngineInfo | None, stats: GenerationStats,
@@ -274,16 +285,21 @@ def stats_record(text: str, load: EngineInfo | None, stats: GenerationStats,
         "decode_s": round(stats.decode_s, 4),
         "prefill_tokens_per_s": _round(stats.prefill_tokens_per_s),
         "decode_tokens_per_s": _round(stats.decode_tokens_per_s),
+        "draft_tokens": stats.draft_tokens,
+        "draft_accepted": stats.draft_accepted,
+        "draft_acceptance": _round(stats.draft_acceptance, 3),
+        "tokens_per_verify_step": _round(stats.tokens_per_verify_step),
         "n_ctx": load.n_ctx if load is not None else None,
         "threads": load.threads if load is not None else None,
         "backend": load.backend if load is not None else None,
         "chat_format": load.chat_format if load is not None else None,
         "flash_attn": getattr(load, "flash_attn", None),
+        "cache_type": getattr(load, "cache_type", None),
     }
 
 
-def _round(value: float | None) -> float | None:
-    return round(value, 2) if value is not None else None
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return round(value, digits) if value is not None else None
 
 
 def context_note(info: EngineInfo, stats: GenerationStats) -> str:
@@ -559,7 +575,8 @@ def model_fields(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: 
         ("thinks", thinking.describe() if thinking else "no"),
     ]
     need = f"{format_bytes(memory.total_bytes)} at ctx {n_ctx:,} (weights " \
-           f"{format_bytes(memory.weights_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)})"
+           f"{format_bytes(memory.weights_bytes)} + {memory.kv_cache_type} KV cache " \
+           f"{format_bytes(memory.kv_cache_bytes)})"
     if available is not None:
         verdict = "fits" if memory.total_bytes < available else "does NOT fit"
         need += f"; {format_bytes(available)} available now: {verdict}"
@@ -580,7 +597,8 @@ def model_record(ref: ModelRef, info: ModelInfo, memory: MemoryEstimate, n_ctx: 
         "license": info.license or (spec.license if spec is not None else None),
         "memory": {
             "n_ctx": n_ctx, "weights_bytes": memory.weights_bytes,
-            "kv_cache_bytes": memory.kv_cache_bytes, "total_bytes": memory.total_bytes,
+            "kv_cache_bytes": memory.kv_cache_bytes, "kv_cache_type": memory.kv_cache_type,
+            "total_bytes": memory.total_bytes,
             "kv_cache_known": memory.kv_cache_known, "available_bytes": available,
             "fits": memory.total_bytes < available if available is not None else None,
         },

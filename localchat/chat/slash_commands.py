@@ -17,6 +17,7 @@ from localchat.chat.conversation import parse_setting, slash_settings
 from localchat.engine.protocol import Sampling
 from localchat.errors import LocalchatError, UsageError
 from localchat.render import (
+    format_drafts,
     format_rate,
     format_when,
     model_label,
@@ -170,7 +171,8 @@ def _stats(chat: ChatSession, argument: str) -> bool:
         f"({format_rate(stats.decode_tokens_per_s)}), finish {stats.finish_reason}\n"
         + (f"thinking  {stats.reasoning_tokens} of the reply's tokens; "
            f"answer {stats.completion_tokens - stats.reasoning_tokens}\n"
-           if stats.reasoning_tokens else ""))
+           if stats.reasoning_tokens else "")
+        + (f"drafts    {format_drafts(stats)}\n" if format_drafts(stats) else ""))
     return True
 
 

@@ -80,10 +80,12 @@ class NgramDrafter:
 class DraftPolicy:
     """How long a draft to send, from learnt acceptance and measured batch cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, cost: float | None = None) -> None:
+        """`cost`: a fixed batch cost instead of the one measured here (for tests)."""
         self._hits = {n: PRIOR_WEIGHT * p for n, p in PRIOR_ACCEPTANCE.items()}
         self._misses = {n: PRIOR_WEIGHT * (1 - p) for n, p in PRIOR_ACCEPTANCE.items()}
-        self.cost = PRIOR_COST
+        self.cost = PRIOR_COST if cost is None else cost
+        self._measure = cost is None
         self._single_s: float | None = None  # smoothed time of a one-token step
 
     def acceptance(self, n: int) -> float:
@@ -118,6 +120,8 @@ class DraftPolicy:
 
     def timed(self, batch: int, seconds: float) -> None:
         """A step of `batch` tokens took `seconds`: keep the batch cost model current."""
+        if not self._measure:
+            return
         if batch == 1:
             single = self._single_s
             self._single_s = seconds if single is None else \

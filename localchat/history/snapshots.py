@@ -8,12 +8,13 @@ A snapshot file is:
     magic b"LCKVSNAP" | u32 format version | u32 header length | header (JSON, UTF-8)
     | tokens (int32 little-endian, header["token_count"] of them) | llama.cpp state bytes
 
-The header names the model file (path, size, mtime), n_ctx and the llama-cpp-python version the
-state belongs to, the sha256 of the tokens and the CRC-32 of the state, so a file that is missing,
-truncated, corrupt or from another model, context size or llama.cpp is refused before llama.cpp
-sees it. Nothing here raises for a bad snapshot: every outcome comes back as a result with a note
-the caller may show under --verbose. The history database indexes the files (`HistoryStore`'s
-snapshot methods) and evicts the least recently used ones above a size cap.
+The header names the model file (path, size, mtime), n_ctx, the llama-cpp-python version and
+the KV cache type (--cache-type) the state belongs to, the sha256 of the tokens and the CRC-32 of
+the state, so a file that is missing, truncated, corrupt or from another model, context size,
+cache type or llama.cpp is refused before llama.cpp sees it. Nothing here raises for a bad
+snapshot: every outcome comes back as a result with a note the caller may show under --verbose.
+The history database indexes the files (`HistoryStore`'s snapshot methods) and evicts the least
+recently used ones above a size cap.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def snapshot_key(engine: LocalEngine) -> SnapshotKey:
     )
 
 
+def cache_type(engine: LocalEngine) -> str:
+    """The engine's KV cache type (--cache-type). A snapshot's header records it and a mismatch
+    is refused with a note saying so; it is not part of the index key, so a conversation keeps
+    one snapshot per model, the latest."""
+    return engine.info.cache_type
+
+
 def prefix_hash(tokens: Sequence[int]) -> str:
     """sha256 of a token sequence, as stored in the header and the index."""
     return hashlib.sha256(_token_bytes(tokens)).hexdigest()
@@ -184,7 +192,8 @@ def save_snapshot(
     token_hash = prefix_hash(tokens)
     header = json.dumps({
         "model_identity": key.model_identity, "n_ctx": key.n_ctx,
-        "llama_cpp_version": key.llama_cpp_version, "token_count": len(tokens),
+        "llama_cpp_version": key.llama_cpp_version, "cache_type": cache_type(engine),
+        "token_count": len(tokens),
         "prefix_sha256": token_hash, "state_bytes": len(state),
         "state_crc32": zlib.crc32(state), "created_at": int(time.time()),
     }, sort_keys=True).encode()
@@ -230,7 +239,7 @@ def restore_snapshot(
                                            "context size: the history will be re-read")
         target = engine.tokenize_messages(messages)
         with record.path.open("rb") as handle:
-            header = _read_header(handle, key, record.prefix_hash)
+            header = _read_header(handle, key, record.prefix_hash, cache_type(engine))
             tokens = _read_tokens(handle, header)
             shared = _shared_prefix(tokens, target)
             if shared == 0 or (shared < len(tokens) and shared < _MIN_PARTIAL_TOKENS):
@@ -368,7 +377,8 @@ class _Header:
     prefix_sha256: str
 
 
-def _read_header(handle: BinaryIO, key: SnapshotKey, indexed_hash: str) -> _Header:
+def _read_header(handle: BinaryIO, key: SnapshotKey, indexed_hash: str,
+                 kv_type: str) -> _Header:
     """Check the preamble and header against `key` and the file's size."""
     magic, version, header_size = _PREAMBLE.unpack(_read_exactly(handle, _PREAMBLE.size))
     if magic != MAGIC:
@@ -388,6 +398,9 @@ def _read_header(handle: BinaryIO, key: SnapshotKey, indexed_hash: str) -> _Head
             (fields["llama_cpp_version"] == key.llama_cpp_version,
              f"it was made by llama-cpp-python {fields['llama_cpp_version']}, "
              f"this is {key.llama_cpp_version}"),
+            (fields.get("cache_type", "f16") == kv_type,
+             f"it holds a {fields.get('cache_type', 'f16')} KV cache and this model was loaded "
+             f"with --cache-type {kv_type}"),
             (header.prefix_sha256 == indexed_hash, "the file does not match its index entry"),
             (0 < header.token_count < key.n_ctx and header.state_bytes > 0,
              "the header is damaged"),

@@ -144,6 +144,7 @@ class MemoryEstimate:
     kv_cache_bytes: int
     total_bytes: int
     kv_cache_known: bool  # False when the file gives no attention layout to size the cache from
+    kv_cache_type: str = "f16"  # --cache-type
 
 
 @lru_cache(maxsize=1)
@@ -561,7 +562,9 @@ def estimate_memory(info: ModelInfo, n_ctx: int, cache_type: str = "f16") -> Mem
     key_length = info.key_length or head_dim
     value_length = info.value_length or head_dim
     if not (n_layer and heads_kv and key_length and value_length):
-        return MemoryEstimate(weights, 0, weights, kv_cache_known=False)
+        return MemoryEstimate(weights, 0, weights, kv_cache_known=False,
+                              kv_cache_type=cache_type)
     kv_cache = sum(n_ctx * (kv_row_bytes(cache_type, n_kv * key_length)
                             + kv_row_bytes(cache_type, n_kv * value_length)) for n_kv in heads_kv)
-    return MemoryEstimate(weights, kv_cache, weights + kv_cache, kv_cache_known=True)
+    return MemoryEstimate(weights, kv_cache, weights + kv_cache, kv_cache_known=True,
+                          kv_cache_type=cache_type)
