@@ -484,6 +484,7 @@ def bench_record(result: BenchResult) -> dict[str, Any]:
         "model_size_mb": round(result.model_bytes / MB, 1),
         "prompt_tokens": result.settings.prompt_tokens,
         "gen_tokens": result.settings.gen_tokens,
+        "decode_prompt_tokens": result.decode_prompt_tokens,  # the depth decode starts at
         "repetitions": result.settings.repetitions,
         "n_ctx": result.n_ctx, "threads": result.threads, "backend": result.backend,
         "flash_attn": result.flash_attn, "cache_type": result.cache_type,

@@ -378,8 +378,9 @@ def _resolve_run_model(model: str | None, prompt: str | None,
 def _engine_options(values: dict[str, Any], ref: ModelRef, offline: bool, env: Environment,
                     verbose: bool) -> EngineOptions:
     """How to load the model `ref` with the merged settings; a missing model is pulled first."""
-    from localchat.engine.local import EngineOptions
+    from localchat.engine.local import EngineOptions, check_cache_type
 
+    check_cache_type(values["cache_type"], values["flash_attn"])  # before any download
     options = EngineOptions.from_settings(values, ensure_local(ref, offline=offline, env=env),
                                           verbose=verbose)
     _warn_beyond_training(env, options)

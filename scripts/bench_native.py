@@ -13,6 +13,7 @@ the Python binding was built with), and caches the build under
 and prints every figure with the ratio localchat / native.
 
     .venv/bin/python scripts/bench_native.py MODEL.gguf --threads 2
+    .venv/bin/python scripts/bench_native.py MODEL.gguf --task grounded   # shipped workloads
     .venv/bin/python scripts/bench_native.py --build-only     # just build (and cache) the tools
 """
 
@@ -166,31 +167,87 @@ def localchat(*args: str) -> dict:
 
 
 def compare_bench(bin_dir: Path, model: str, threads: int, prompt: int, gen: int,
-                  repetitions: int, flash_attn: bool) -> list[Row]:
-    """localchat bench vs llama-bench: prefill (pp) and decode (tg), same flash attention."""
+                  repetitions: int, flash_attn: bool, extra: Extra) -> list[Row]:
+    """localchat bench vs llama-bench: prefill (pp) and decode (tg), same flash attention and
+    cache type; tg at the depth localchat's decode starts at (its short chat prompt)."""
     fa = "on" if flash_attn else "off"
-    native = parse_llama_bench_json(run_text([
-        str(bin_dir / "llama-bench"), "-m", model, "-p", str(prompt), "-n", str(gen),
-        "-t", str(threads), "-r", str(repetitions), "-fa", fa, "-o", "json"])[0])
     ours = localchat("bench", model, "-p", str(prompt), "-n", str(gen),
                      "--repetitions", str(repetitions), "--threads", str(threads),
-                     "--flash-attn" if flash_attn else "--no-flash-attn")
+                     "--flash-attn" if flash_attn else "--no-flash-attn", *extra.localchat)
+    depth = str(ours.get("decode_prompt_tokens") or 0)
+    common = ["-m", model, "-t", str(threads), "-r", str(repetitions), "-fa", fa,
+              *extra.native, "-o", "json"]
+    pp = parse_llama_bench_json(run_text([str(bin_dir / "llama-bench"), "-p", str(prompt),
+                                          "-n", "0", *common])[0])
+    tg = parse_llama_bench_json(run_text([str(bin_dir / "llama-bench"), "-p", "0",
+                                          "-n", str(gen), "-d", depth, *common])[0])
     return [Row(f"prefill pp{prompt} fa={fa} (bench)", ours["prefill_tokens_per_s"],
-                native.get("pp")),
-            Row(f"decode tg{gen} fa={fa} (bench)", ours["decode_tokens_per_s"], native.get("tg"))]
+                pp.get("pp")),
+            Row(f"decode tg{gen}@d{depth} fa={fa} (bench)", ours["decode_tokens_per_s"],
+                tg.get("tg"))]
+
+
+@dataclass(frozen=True)
+class Extra:
+    """The flags both sides take for --cache-type, and localchat's --draft."""
+
+    localchat: tuple[str, ...]
+    native: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cache_type: str, draft: str) -> Extra:
+        return cls(("--cache-type", cache_type, "--draft", draft),
+                   ("-ctk", cache_type, "-ctv", cache_type))
+
+
+def compare_tasks(bin_dir: Path, model: str, threads: int, ctx: int, group: str,
+                  extra: Extra) -> list[Row]:
+    """The shipped `bench --task` workloads: `localchat run` with drafts on and off vs
+    `llama-cli` on the same message and token cap; the two localchat texts must agree."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))  # this checkout's workloads
+    from localchat.bench_tasks import tasks
+
+    rows = []
+    for task in tasks(group):
+        message = task.message()
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as prompt:
+            prompt.write(message)
+            prompt.flush()
+            native = parse_llama_cli_generation("\n".join(run_text([
+                str(bin_dir / "llama-cli"), "-m", model, "-st", "--simple-io", "--temp", "0",
+                "-n", str(task.max_tokens), "-t", str(threads), "-c", str(ctx), "-fa", "on",
+                *extra.native, "-f", prompt.name])))
+        runs = {}
+        for draft in ("off", "ngram"):
+            runs[draft] = localchat("run", model, message, "-n", str(task.max_tokens),
+                                    "--temperature", "0", "--threads", str(threads), "--ctx",
+                                    str(ctx), "--no-history", *extra.localchat[:2],
+                                    "--draft", draft)
+        same = runs["off"]["text"] == runs["ngram"]["text"]
+        accepted = runs["ngram"].get("draft_acceptance")
+        note = f"{task.kind}, {runs['ngram']['completion_tokens']} tok, same text: " \
+               f"{'yes' if same else 'NO'}, accepted {accepted}"
+        print(f"  {task.name}: {note}", flush=True)
+        rows.append(Row(f"{task.name} draft ngram (run/llama-cli)",
+                        runs["ngram"]["decode_tokens_per_s"], native))
+        rows.append(Row(f"{task.name} draft off (run/llama-cli)",
+                        runs["off"]["decode_tokens_per_s"], native))
+    return rows
 
 
 def compare_run(bin_dir: Path, model: str, threads: int, gen: int, ctx: int,
-                flash_attn: bool) -> Row:
+                flash_attn: bool, extra: Extra) -> Row:
     """localchat run --ignore-eos vs llama-cli --ignore-eos: end-to-end generation speed."""
     fa = "on" if flash_attn else "off"
     native = parse_llama_cli_generation("\n".join(run_text([
         str(bin_dir / "llama-cli"), "-m", model, "-st", "--simple-io", "--temp", "0",
         "--ignore-eos", "-n", str(gen), "-t", str(threads), "-c", str(ctx), "-fa", fa,
-        "-p", PROMPT])))
+        *extra.native, "-p", PROMPT])))
     ours = localchat("run", model, PROMPT, "--ignore-eos", "-n", str(gen), "--temperature", "0",
                      "--threads", str(threads), "--ctx", str(ctx), "--no-history",
-                     "--flash-attn" if flash_attn else "--no-flash-attn")
+                     "--flash-attn" if flash_attn else "--no-flash-attn", *extra.localchat)
     if ours["completion_tokens"] != gen:
         raise SystemExit(f"localchat run made {ours['completion_tokens']} tokens, not {gen}")
     return Row(f"decode n={gen} fa={fa} (run/llama-cli)", ours["decode_tokens_per_s"], native)
@@ -208,12 +265,12 @@ def best_rows(rounds: list[list[Row]]) -> list[Row]:
 
 def format_rows(rows: list[Row]) -> str:
     """A plain table: figure, localchat, native, ratio."""
-    lines = [f"{'figure':36} {'localchat t/s':>14} {'native t/s':>11} {'ratio':>7}"]
+    lines = [f"{'figure':40} {'localchat t/s':>14} {'native t/s':>11} {'ratio':>7}"]
     for row in rows:
         ours = f"{row.localchat:.1f}" if row.localchat else "-"
         native = f"{row.native:.1f}" if row.native else "-"
         ratio = f"{row.ratio:.3f}" if row.ratio else "-"
-        lines.append(f"{row.label:36} {ours:>14} {native:>11} {ratio:>7}")
+        lines.append(f"{row.label:40} {ours:>14} {native:>11} {ratio:>7}")
     return "\n".join(lines)
 
 
@@ -232,6 +289,12 @@ def main() -> int:
                         help="repeat everything; the summary keeps each side's best")
     parser.add_argument("--flash-attn", choices=("on", "off", "both"), default="both",
                         help="flash attention on both sides (llama.cpp's default is on)")
+    parser.add_argument("--cache-type", choices=("f16", "q8_0", "q4_0"), default="f16",
+                        help="KV cache type on both sides")
+    parser.add_argument("--draft", choices=("off", "ngram"), default="ngram",
+                        help="localchat's prompt-lookup drafts (llama.cpp's tools have none)")
+    parser.add_argument("--task", choices=("grounded", "open", "all"),
+                        help="instead: the shipped `bench --task` workloads, run vs llama-cli")
     parser.add_argument("--source", type=Path, help="a llama.cpp tree (default: the sdist's)")
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
@@ -247,11 +310,16 @@ def main() -> int:
         print(f"round {number}/{args.rounds}, load average {load[0]:.2f} {load[1]:.2f} "
               f"{load[2]:.2f}", flush=True)
         rows = []
+        extra = Extra.of(args.cache_type, args.draft)
+        if args.task:
+            rows += compare_tasks(bin_dir, args.model, args.threads, args.ctx, args.task, extra)
         for flash_attn in {"on": [True], "off": [False], "both": [True, False]}[args.flash_attn]:
+            if args.task:
+                break
             rows += compare_bench(bin_dir, args.model, args.threads, args.prompt_tokens,
-                                  args.gen_tokens, args.repetitions, flash_attn)
-            rows += [compare_run(bin_dir, args.model, args.threads, gen, args.ctx, flash_attn)
-                     for gen in args.gen]
+                                  args.gen_tokens, args.repetitions, flash_attn, extra)
+            rows += [compare_run(bin_dir, args.model, args.threads, gen, args.ctx, flash_attn,
+                                 extra) for gen in args.gen]
         print(format_rows(rows), flush=True)
         rounds.append(rows)
     if args.rounds > 1:

@@ -48,7 +48,7 @@ def good_values(row: Setting) -> list[Any]:
     if row.kind == "list":
         return [("END",), ("a", "b")]
     if row.choices:
-        return ["chatml", "raw"]
+        return [row.choices[0], row.choices[-1]]
     if row.kind == "str":
         return ["Be brief.", "Be kind."]
     assert row.low is not None

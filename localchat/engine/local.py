@@ -97,10 +97,14 @@ class EngineOptions:
             problem = settings.check(setting, getattr(self, _FIELDS[setting.name]))
             if problem:
                 raise UsageError(f"{setting.name} {problem}")
-        if self.cache_type != "f16" and not self.flash_attn:
-            raise UsageError(
-                f"a {self.cache_type} KV cache needs flash attention (llama.cpp quantizes V only "
-                "with it)", "drop --no-flash-attn, or use --cache-type f16")
+        check_cache_type(self.cache_type, self.flash_attn)
+
+
+def check_cache_type(cache_type: str, flash_attn: bool) -> None:
+    """A quantized KV cache needs flash attention: llama.cpp quantizes V only with it."""
+    if cache_type != "f16" and not flash_attn:
+        raise UsageError(f"a {cache_type} KV cache needs flash attention (llama.cpp quantizes "
+                         "V only with it)", "drop --no-flash-attn, or use --cache-type f16")
 
 
 @dataclass(frozen=True)
