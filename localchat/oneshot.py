@@ -300,8 +300,10 @@ def _describe(env: Environment, engine: Engine) -> None:
     flash = "" if flash_attn is None else (
         " · flash attention" if flash_attn else " · no flash attention")
     threads = f" · {info.threads} threads" if info.threads is not None else ""
+    cache = getattr(info, "cache_type", None)  # a remote server does not say
+    kv = f" · {cache} KV cache" if cache else ""
     print_note(env, f"model {info.model_path} · ctx {info.n_ctx}{threads} · "
-                    f"{info.backend}{flash} · chat template {info.chat_format} "
+                    f"{info.backend}{flash}{kv} · chat template {info.chat_format} "
                     f"({info.chat_format_source})")
 
 
