@@ -553,10 +553,10 @@ def bench(
         from rich.progress import Progress
 
         bar = Progress(console=Console(file=env.stderr), transient=True)
-        task = bar.add_task("bench", total=None)
+        bar_task = bar.add_task("bench", total=None)
     with bar or nullcontext():
         result = benchmark.run_benchmark(bench_settings, options, (
-            lambda what, done, total: bar.update(task, description=what, completed=done,
+            lambda what, done, total: bar.update(bar_task, description=what, completed=done,
                                                  total=total)) if bar is not None else None)
     record = benchmark.bench_record(result)
     if json_output:

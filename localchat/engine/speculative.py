@@ -190,7 +190,7 @@ class Stepper:
 
     def sample(self) -> int:
         """The next token, sampled by the chain from the current position's logits."""
-        return self._sample(self._sampler, self._ctx, self._index)
+        return int(self._sample(self._sampler, self._ctx, self._index))
 
     def _sample_wrapped(self) -> int:
         return int(self._wrapper.sample(self._llama._ctx, self._index))
@@ -203,7 +203,7 @@ class Stepper:
         token = int(numpy.frombuffer(row, dtype=numpy.float32).argmax())  # the first maximum,
         # as llama.cpp's greedy sampler picks it
         if self._eog_banned and self._is_eog(self._vocab, token):
-            return self._sample(self._sampler, self._ctx, self._index)  # its -inf bias decides
+            return int(self._sample(self._sampler, self._ctx, self._index))  # its bias decides
         return token
 
     def advance(self, token: int, room: int | None = None) -> None:
