@@ -117,7 +117,6 @@ class BenchResult:
     threads: int
     backend: str
     flash_attn: bool
-    cache_type: str
     decode_prompt_tokens: int
     measurements: tuple[Measurement, ...]
     page_cache: PageCacheDrop | None
@@ -125,6 +124,7 @@ class BenchResult:
     cache_bytes: int | None  # the CPU's last-level cache: a model this small beats DRAM speed
     load_average: tuple[float, float, float]
     interrupted: bool
+    cache_type: str = "f16"  # --cache-type
 
     def values(self, kind: str, field: str = "tokens_per_s",
                cache: str | None = None) -> list[float]:
@@ -492,7 +492,7 @@ def bench_record(result: BenchResult) -> dict[str, Any]:
         "draft_acceptance": _median(result.values("decode", "draft_acceptance")),
         **{name: _median(values) for name, values in metrics.items()},
         "load_cold_s": _median(cold),
-        "kv_cache_mb": round(result.kv_bytes_per_position * result.n_ctx / MB, 2),
+        "kv_cache_mb": round(result.kv_bytes_per_position * result.n_ctx / MB, 1),
         "spread": {name: _spread(values) for name, values in metrics.items()},
         "page_cache": asdict(result.page_cache) if result.page_cache else None,
         "memory_bandwidth_gb_per_s": _round(result.bandwidth_gb_per_s),
@@ -547,8 +547,8 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("load, warm page cache", value("load_s", "s", 3), span("load_s", "s", 3)),
         ("load, cold page cache", value("load_cold_s", "s", 3), cold_note),
         ("peak resident memory", megabytes("peak_rss_mb"),
-         f"model file {megabytes('model_size_mb')} + {record['cache_type']} KV cache "
-         f"{megabytes('kv_cache_mb')}"),
+         f"model file {megabytes('model_size_mb')} + KV cache {megabytes('kv_cache_mb')}"
+         + (f" ({record['cache_type']})" if record["cache_type"] != "f16" else "")),
         ("memory read bandwidth", value("memory_bandwidth_gb_per_s", "GB/s", 1),
          f"{record['threads']} threads, best of {BANDWIDTH_ROUNDS}"),
         ("decode ceiling from bandwidth", value("decode_ceiling_tokens_per_s", "tok/s", 1),
