@@ -36,8 +36,11 @@ NGRAM_MAX = 4  # the longest context suffix looked up; longer matches are tried 
 NGRAM_MIN = 1
 MAX_DRAFT = 16  # tokens in one draft, at most (llama.cpp's speculative default too)
 # What a batch of m tokens costs next to one, as 1 + cost * (m - 1), before this process has
-# timed any (a 2-core CPU running a 135M model measures 0.3-0.7; a GPU far less). Learnt online.
-PRIOR_COST = 0.5
+# timed any. Learnt online from the steps' own timings. A 2-core CPU running a 135M model, where
+# decode is bound by arithmetic rather than by reading the weights, measures 0.6-1.0: there only
+# near-certain drafts pay, so the prior is cautious; a GPU or a memory-bound model measures far
+# less, which the first few drafts reveal.
+PRIOR_COST = 0.75
 COST_BOUNDS = (0.02, 2.0)
 # Acceptance before any evidence, per n-gram length: longer matches are more often right.
 PRIOR_ACCEPTANCE = {1: 0.3, 2: 0.5, 3: 0.6, 4: 0.7}
