@@ -58,25 +58,25 @@ class NgramDrafter:
         self.tokens: list[int] = []
         # n-gram -> the position of the token that followed its latest occurrence
         self._index: dict[tuple[int, ...], int] = {}
+        self._tail: tuple[int, ...] = ()  # the last NGRAM_MAX tokens: every key is a slice of it
         for token in tokens:
             self.push(token)
 
     def push(self, token: int) -> None:
         """Append a token of the context; index the n-grams that now have a follower."""
-        tokens, index = self.tokens, self._index
-        end = len(tokens)
-        for n in range(NGRAM_MIN, min(NGRAM_MAX, end) + 1):
-            index[tuple(tokens[end - n:end])] = end
-        tokens.append(token)
+        tail, index, end = self._tail, self._index, len(self.tokens)
+        for n in range(NGRAM_MIN, len(tail) + 1):
+            index[tail[-n:]] = end
+        self.tokens.append(token)
+        self._tail = (tail + (token,))[-NGRAM_MAX:]
 
     def propose(self, limit: int) -> tuple[int, list[int]]:
         """(n, draft): the matched n-gram length and up to `limit` tokens; (0, []) for none."""
-        tokens, index = self.tokens, self._index
-        end = len(tokens)
-        for n in range(min(NGRAM_MAX, end), NGRAM_MIN - 1, -1):
-            start = index.get(tuple(tokens[end - n:]))
+        tail, index = self._tail, self._index
+        for n in range(len(tail), NGRAM_MIN - 1, -1):
+            start = index.get(tail[-n:])
             if start is not None:
-                return n, tokens[start:start + limit]
+                return n, self.tokens[start:start + limit]
         return 0, []
 
 
