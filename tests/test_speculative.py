@@ -261,3 +261,28 @@ def test_every_draft_mode_is_a_setting_choice():
 
     assert settings.get("draft").choices == settings.DRAFT_MODES == ("off", "ngram")
     assert Path(speculative.__file__).name == "speculative.py"
+
+
+@pytest.mark.slow
+def test_a_thinking_budget_closes_the_block_in_the_same_place_with_drafts(thinking_models):
+    from localchat.engine.loader import load_engine
+    from localchat.engine.reasoning import ANSWER, REASONING
+
+    engine = load_engine(EngineOptions(model_path=thinking_models["r1"], n_ctx=1024, threads=1))
+    engine._policy = DraftPolicy(cost=0.05)
+    question = [{"role": "user", "content": f"{CODE}\nRepeat the code above exactly."}]
+    try:
+        replies = []
+        for draft in ("off", "ngram"):
+            engine.reset_cache()
+            parts = list(engine.stream_parts(question, Sampling(
+                temperature=0, max_tokens=60, think_budget=20, draft=draft)))
+            replies.append(("".join(p.text for p in parts if p.kind == REASONING),
+                            "".join(p.text for p in parts if p.kind == ANSWER),
+                            engine.last_stats.reasoning_tokens, engine._llama.n_tokens,
+                            kv_cells(engine)))
+        assert replies[0] == replies[1]
+        assert replies[1][3] == replies[1][4]  # no draft cells left behind the closing marker
+        assert engine.last_stats.draft_tokens > 0
+    finally:
+        engine.close()
