@@ -281,7 +281,7 @@ def restore_prefix_snapshot(engine: Engine, store: HistoryStore,
             return RestoreResult(False, 0, f"no snapshot of this {len(prefix)}-token prefix yet: "
                                            "it is processed, then saved for the next run")
         with record.path.open("rb") as handle:
-            header = _read_header(handle, key, record.prefix_hash)
+            header = _read_header(handle, key, record.prefix_hash, cache_type(engine))
             if _read_tokens(handle, header) != list(prefix):
                 raise _Refused("its tokens are not this prefix")
             with _mapped_state(handle, header) as state:
@@ -312,7 +312,7 @@ def save_prefix_snapshot(engine: Engine, store: HistoryStore, prefix: Sequence[i
     if tokens != list(prefix):
         return SaveResult(None, 0, 0, (), "no prefix snapshot saved: the KV cache does not hold "
                                           "the prefix")
-    parts = _file_parts(key, tokens, state)
+    parts = _file_parts(key, tokens, state, cache_type(engine))
     size = sum(len(part) for part in parts)
     if size > cap_bytes:
         return SaveResult(None, 0, len(tokens), (),
@@ -341,11 +341,12 @@ def save_prefix_snapshot(engine: Engine, store: HistoryStore, prefix: Sequence[i
     return SaveResult(path, size, len(tokens), tuple(evicted), note)
 
 
-def _file_parts(key: SnapshotKey, tokens: Sequence[int],
-                state: bytes | bytearray) -> tuple[bytes | bytearray, ...]:
+def _file_parts(key: SnapshotKey, tokens: Sequence[int], state: bytes | bytearray,
+                kv_type: str) -> tuple[bytes | bytearray, ...]:
     header = json.dumps({
         "model_identity": key.model_identity, "n_ctx": key.n_ctx,
-        "llama_cpp_version": key.llama_cpp_version, "token_count": len(tokens),
+        "llama_cpp_version": key.llama_cpp_version, "cache_type": kv_type,
+        "token_count": len(tokens),
         "prefix_sha256": prefix_hash(tokens), "state_bytes": len(state),
         "state_crc32": zlib.crc32(state), "created_at": int(time.time()),
     }, sort_keys=True).encode()
