@@ -184,23 +184,17 @@ def test_sampling_with_a_seed_gives_the_same_reply_with_and_without_drafts(engin
 
 
 @pytest.mark.slow
-def test_a_drafted_token_the_grammar_rejects_is_rejected(engine, monkeypatch):
-    from llama_cpp._internals import LlamaSampler
-    from llama_cpp.llama_grammar import LlamaGrammar
+def test_a_drafted_token_the_grammar_rejects_is_rejected(engine):
+    from localchat.engine.grammar import OutputGrammar, json_grammar
 
-    grammar = LlamaGrammar.from_string('root ::= [^eE]+', verbose=False)  # no letter e
-
-    def with_grammar(sampling):  # what a grammar setting's chain is: the grammar, then greedy
-        chain = LlamaSampler()
-        chain.add_grammar(engine._llama._model, grammar)
-        chain.add_greedy()
-        return chain
-
-    monkeypatch.setattr(engine, "_sampler", with_grammar)
-    text, stats = same_with_and_without_drafts(engine, GROUNDED[1],
-                                               Sampling(temperature=0.0, max_tokens=60))
+    no_e = OutputGrammar("gbnf", "root ::= [^eE]+", "no letter e")
+    text, stats = same_with_and_without_drafts(engine, GROUNDED[1], Sampling(
+        temperature=0.0, max_tokens=60, grammar=no_e))
     assert "e" not in text.lower()
     assert stats.draft_tokens > stats.draft_accepted  # drafts of the code, with its e's, refused
+    text, stats = same_with_and_without_drafts(engine, GROUNDED[2], Sampling(
+        temperature=0.0, max_tokens=60, grammar=json_grammar()))
+    assert text.lstrip().startswith("{")
 
 
 @pytest.mark.slow
