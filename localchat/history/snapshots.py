@@ -117,7 +117,7 @@ def cache_type(engine: LocalEngine) -> str:
     """The engine's KV cache type (--cache-type). A snapshot's header records it and a mismatch
     is refused with a note saying so; it is not part of the index key, so a conversation keeps
     one snapshot per model, the latest."""
-    return engine.info.cache_type
+    return str(getattr(engine.info, "cache_type", "f16"))  # stand-ins in tests may not say
 
 
 def prefix_hash(tokens: Sequence[int]) -> str:
