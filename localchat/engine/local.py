@@ -320,7 +320,9 @@ class LocalEngine:
         drafts = sampling.draft != "off" and options.logprobs is None
         steps = Stepper(llama, self._llama_cpp, sampler, tokens if drafts else None, self.n_ctx,
                         self._policy,
-                        eog_banned=sampling.ignore_eos and bool(self._end_of_generation_tokens))
+                        # the chain's logit bias is the end-of-turn ban alone: argmax may stand in
+                        eog_banned=sampling.ignore_eos and bool(self._end_of_generation_tokens)
+                        and not options.logit_bias)
         try:
             while True:
                 budget = sampling.think_budget
