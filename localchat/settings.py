@@ -4,9 +4,9 @@ A row says what a setting is (type, bounds, built-in default, one line of help) 
 called in each front end: its flag (and which commands take it), its `config.toml` key (the
 row's name), whether `models.toml` may set it per model, whether `/set` changes it, and its
 OpenAI request field and Ollama option. The front ends derive from these rows: the typer flags
-(cli.py), `config.toml` (config.py), the catalog's defaults (models/catalog.py), `/set` and
-`/show` (chat/), the server's request checking (serve/openai_api.py), and the engine's own
-last check (`Sampling.validate`, `EngineOptions.validate`).
+(commands/options.py), `config.toml` (config.py), the catalog's defaults (models/catalog.py),
+`/set` and `/show` (chat/), the server's request checking (serve/openai_api.py), and the
+engine's own last check (`Sampling.validate`, `EngineOptions.validate`).
 
 `check` and `parse` say what is wrong in words with no name in front ("must be in (0, 1] (got 0)");
 each front end puts its own name there: `--top-p`, `config.toml, line 3: top_p`, `/set top_p`,

@@ -53,6 +53,7 @@ def captured(monkeypatch, tmp_path) -> dict[str, Any]:
     """The request `run` would send, instead of loading a model."""
     import localchat.chat.repl
     import localchat.cli
+    import localchat.commands.models
     import localchat.oneshot
 
     seen: dict[str, Any] = {}
@@ -67,7 +68,8 @@ def captured(monkeypatch, tmp_path) -> dict[str, Any]:
 
     monkeypatch.setattr(localchat.oneshot, "run_once", run_once)
     monkeypatch.setattr(localchat.chat.repl, "run_repl", run_repl)
-    monkeypatch.setattr(localchat.cli, "ensure_local", lambda ref, **_: Path(f"/m/{ref.name}"))
+    monkeypatch.setattr(localchat.commands.models, "ensure_local",
+                        lambda ref, **_: Path(f"/m/{ref.name}"))
     return seen
 
 

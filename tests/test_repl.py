@@ -29,7 +29,7 @@ from localchat.chat.repl import (
 )
 from localchat.chat.session import ChatSession, ReplOptions
 from localchat.chat.slash_commands import completions
-from localchat.cli import ensure_local
+from localchat.commands.models import ensure_local
 from localchat.engine.loader import load_engine
 from localchat.engine.local import EngineOptions
 from localchat.engine.protocol import Sampling

@@ -130,6 +130,8 @@ def captured(monkeypatch, tmp_path) -> dict[str, Any]:
     import localchat.bench
     import localchat.chat.repl
     import localchat.cli
+    import localchat.commands.models
+    import localchat.commands.serve
     import localchat.oneshot
     import localchat.serve.server
 
@@ -155,7 +157,8 @@ def captured(monkeypatch, tmp_path) -> dict[str, Any]:
     monkeypatch.setattr(localchat.chat.repl, "run_repl", run_repl)
     monkeypatch.setattr(localchat.serve.server, "serve", serve)
     monkeypatch.setattr(localchat.bench, "run_benchmark", bench)
-    monkeypatch.setattr(localchat.cli, "ensure_local", lambda ref, **_: Path("/m/smollm2.gguf"))
+    for module in (localchat.commands.models, localchat.commands.serve):
+        monkeypatch.setattr(module, "ensure_local", lambda ref, **_: Path("/m/smollm2.gguf"))
     return seen
 
 
