@@ -98,3 +98,22 @@ def thinking_models(smollm2_path, tmp_path_factory) -> dict[str, Path]:
     from tests.thinking_models import make_copies
 
     return make_copies(smollm2_path, tmp_path_factory.mktemp("thinking-models"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2_path):
+    """The test model, loaded once per module: a 1,024-token window and one thread (spinning
+    llama.cpp threads on a busy CPU are very slow)."""
+    from localchat.engine.loader import load_engine
+    from localchat.engine.local import EngineOptions
+
+    loaded = load_engine(EngineOptions(model_path=smollm2_path, n_ctx=1024, threads=1))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture
+def fresh_smollm2(smollm2_engine):
+    """The module's engine with an empty KV cache, so reuse counts start from zero."""
+    smollm2_engine.reset_cache()
+    return smollm2_engine

@@ -6,31 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from test_repl import GREEDY, chat, error_lines
+from chat_harness import GREEDY, chat, error_lines
 
 from localchat.chat.session import ChatSession, ReplOptions
 from localchat.chat.slash_commands import completions
 from localchat.config import load_config
-from localchat.engine.loader import load_engine
-from localchat.engine.local import EngineOptions
 from localchat.history.records import open_history
 from localchat.oneshot import Request
 from localchat.render import Environment
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def engine(smollm2_path):
-    loaded = load_engine(EngineOptions(model_path=smollm2_path, n_ctx=1024, threads=1))
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture
-def fresh(engine):
-    engine.reset_cache()
-    return engine
 
 
 def last_user_message() -> str:
@@ -39,10 +24,10 @@ def last_user_message() -> str:
     return [m.content for m in messages if m.role == "user"][-1]
 
 
-def test_file_attaches_to_the_next_message_and_shows_its_tokens(fresh, tmp_path):
+def test_file_attaches_to_the_next_message_and_shows_its_tokens(fresh_smollm2, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("The meeting is on Tuesday.\n")
-    result = chat(fresh, f"/file {notes}\rWhen is the meeting?\r")
+    result = chat(fresh_smollm2, f"/file {notes}\rWhen is the meeting?\r")
     assert f"attached {notes} (" in result.stderr and " tokens); with your next message" in (
         result.stderr)
     tokens = int(result.stderr.split(f"attached {notes} (")[1].split(" tokens")[0])
@@ -51,12 +36,12 @@ def test_file_attaches_to_the_next_message_and_shows_its_tokens(fresh, tmp_path)
                                    "When is the meeting?")
 
 
-def test_file_refusals_are_one_line_and_the_chat_goes_on(fresh, tmp_path):
+def test_file_refusals_are_one_line_and_the_chat_goes_on(fresh_smollm2, tmp_path):
     png = tmp_path / "logo.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     big = tmp_path / "big.txt"
     big.write_text("word " * 2000)  # fits no 1024-token window
-    result = chat(fresh, f"/file {tmp_path / 'gone'}\r/file {png}\r/file {tmp_path}\r"
+    result = chat(fresh_smollm2, f"/file {tmp_path / 'gone'}\r/file {png}\r/file {tmp_path}\r"
                          f"/file {big}\r/file\rHello\r")
     errors = error_lines(result.stderr)
     assert "no such file" in errors[0] and "a PNG image" in errors[1]
@@ -66,8 +51,8 @@ def test_file_refusals_are_one_line_and_the_chat_goes_on(fresh, tmp_path):
     assert last_user_message() == "Hello"
 
 
-def test_schema_makes_replies_json_until_off(fresh, tmp_path):
-    result = chat(fresh, "/schema name, age int\rInvent a person.\r/schema\r/schema off\r"
+def test_schema_makes_replies_json_until_off(fresh_smollm2, tmp_path):
+    result = chat(fresh_smollm2, "/schema name, age int\rInvent a person.\r/schema\r/schema off\r"
                          "/schema {\"type\": \"integer\", \"minimum\": 1}\rHi\r",
                   sampling=GREEDY.__class__(temperature=0.0, max_tokens=60))
     reply = result.stdout.split(">>>")[0] if ">>>" in result.stdout else result.stdout
@@ -79,7 +64,7 @@ def test_schema_makes_replies_json_until_off(fresh, tmp_path):
     assert "the keyword 'minimum' (1) cannot be enforced" in error_lines(result.stderr)[0]
 
 
-def test_preset_sets_system_sampling_schema_and_files(fresh, tmp_path):
+def test_preset_sets_system_sampling_schema_and_files(fresh_smollm2, tmp_path):
     from localchat import paths
 
     (paths.config_file().parent).mkdir(parents=True, exist_ok=True)
@@ -88,7 +73,7 @@ def test_preset_sets_system_sampling_schema_and_files(fresh, tmp_path):
                                    'temperature = 0.0\nmax_tokens = 60\n'
                                    'schema = "name, age int"\nfiles = ["glossary.md"]\n')
     presets = load_config().presets
-    result = chat(fresh, "/preset persn\r/preset person\rInvent one.\r/show\r",
+    result = chat(fresh_smollm2, "/preset persn\r/preset person\rInvent one.\r/show\r",
                   options=ReplOptions(markdown=False, presets=presets))
     assert "no preset 'persn' in config.toml (did you mean person?" in error_lines(
         result.stderr)[0]
@@ -98,7 +83,7 @@ def test_preset_sets_system_sampling_schema_and_files(fresh, tmp_path):
     assert "You invent people." in result.stdout  # /show lists the system prompt
 
 
-def test_tab_completes_paths_presets_and_schema_words(fresh, tmp_path, monkeypatch):
+def test_tab_completes_paths_presets_and_schema_words(fresh_smollm2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("app.py").write_text("x")
     Path("apps").mkdir()
@@ -106,7 +91,7 @@ def test_tab_completes_paths_presets_and_schema_words(fresh, tmp_path, monkeypat
     env = Environment()
     request = Request(model="m", prompt=None, system=None, sampling=GREEDY, engine=None)
     session = ChatSession(request, env, ReplOptions(presets={"commit": None, "person": None}),
-                          None, fresh, owns_engine=False)
+                          None, fresh_smollm2, owns_engine=False)
     assert completions(session, "/file ap") == ["app.py", "apps/"]
     assert completions(session, "/file ") == ["app.py", "apps/"]  # hidden files need a dot
     assert completions(session, f"/file {tmp_path}/app") == [f"{tmp_path}/app.py",

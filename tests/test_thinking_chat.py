@@ -11,7 +11,7 @@ from localchat.engine.loader import load_engine
 from localchat.engine.local import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.history.records import open_history
-from tests.test_repl import TerminalText, chat, error_lines
+from tests.chat_harness import TerminalText, chat, error_lines
 
 pytestmark = pytest.mark.slow
 BUDGETED = Sampling(temperature=0.0, max_tokens=20, think_budget=4)

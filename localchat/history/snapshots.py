@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeGuard
 
 from localchat import paths
+from localchat.engine.kv_reuse import shared_prefix
 from localchat.engine.runtime import import_llama_cpp
 from localchat.errors import LocalchatError
 from localchat.history.records import HistoryStore
@@ -241,7 +242,7 @@ def restore_snapshot(
         with record.path.open("rb") as handle:
             header = _read_header(handle, key, record.prefix_hash, cache_type(engine))
             tokens = _read_tokens(handle, header)
-            shared = _shared_prefix(tokens, target)
+            shared = shared_prefix(tokens, target)
             if shared == 0 or (shared < len(tokens) and shared < _MIN_PARTIAL_TOKENS):
                 raise _Refused("it does not match the conversation's history")
             with _mapped_state(handle, header) as state:
@@ -352,15 +353,6 @@ def _file_parts(key: SnapshotKey, tokens: Sequence[int], state: bytes | bytearra
     }, sort_keys=True).encode()
     return (_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)), header, _token_bytes(tokens),
             state)
-
-
-def _shared_prefix(first: Sequence[int], second: Sequence[int]) -> int:
-    shared = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return shared
 
 
 def _read_exactly(handle: BinaryIO, size: int) -> bytes:

@@ -166,7 +166,7 @@ async def _generate(request: Request) -> Response:
 async def _reply(request: Request, kind: str) -> Response:
     serving = _serving(request)
     started = time.perf_counter()
-    body = await read_json(request, _serving(request).client_timeout)
+    body = await read_json(request, serving.client_timeout)
     name = body.get("model") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
         raise ApiError(400, "model is required")
@@ -176,18 +176,10 @@ async def _reply(request: Request, kind: str) -> Response:
     options = model.options.with_settings(parsed.load) if parsed.load else None
     if parsed.empty:  # Ollama's load and unload requests
         return await _load_or_unload(request, serving, model, parsed, options, started)
-    lease = await serving.lease(request, model, options)
-    try:
-        style, constraint = _check(lease.engine, parsed, name)
-    except ApiError:
-        lease.release()
-        raise
-    parsed = dataclasses.replace(parsed, sampling=dataclasses.replace(parsed.sampling,
-                                                                      grammar=constraint))
-    reply, first = await serving.start(lease, lambda engine: _stream(engine, parsed),
-                                       "messages" if parsed.messages else "prompt",
-                                       parsed.keep_alive)
-    shown = Shown(reply, first, style, parsed.tools)
+    shown, lease = await serving.open_reply(
+        request, model, lambda engine: _check(engine, parsed, name),
+        lambda engine, constraint: _stream(engine, parsed, constraint),
+        "messages" if parsed.messages else "prompt", parsed.tools, options, parsed.keep_alive)
     if parsed.stream:
         return ClosingStream(_lines(request, serving, shown, parsed, started, lease.load_s),
                              media_type=NDJSON)
@@ -213,13 +205,14 @@ async def _load_or_unload(request: Request, serving: Serving, model: ServedModel
                                   time.perf_counter() - started, load_s, reason))
 
 
-def _stream(engine: LocalEngine, parsed: api.Request
+def _stream(engine: LocalEngine, parsed: api.Request, constraint: OutputGrammar | None
             ) -> Generator[Part, None, None] | Generator[str, None, None]:
+    sampling = dataclasses.replace(parsed.sampling, grammar=constraint)
     options = ReplyOptions(logit_bias=parsed.logit_bias, logprobs=parsed.logprobs,
                            tools=parsed.tools)
     if parsed.messages is not None:  # a thinking model's thinking apart from the answer
-        return engine.stream_parts(parsed.messages, parsed.sampling, options)
-    return engine.stream_text(parsed.prompt or "", parsed.sampling, options)
+        return engine.stream_parts(parsed.messages, sampling, options)
+    return engine.stream_text(parsed.prompt or "", sampling, options)
 
 
 def _check(engine: LocalEngine, parsed: api.Request, name: str

@@ -83,22 +83,15 @@ async def _text(request: Request) -> Response:
 
 async def _complete(request: Request, kind: str) -> Response:
     serving = _serving(request)
-    body = await read_json(request, _serving(request).client_timeout)
+    body = await read_json(request, serving.client_timeout)
     name = body.get("model") if isinstance(body, dict) else None
     served = serving.find(name if isinstance(name, str) else None)
     parsed = api.parse_request(kind, body, served.sampling)
-    lease = await serving.lease(request, served)
-    try:
-        style, constraint = _constraints(lease.engine, parsed)
-    except api.ApiError:
-        lease.release()
-        raise
-    parsed = dataclasses.replace(parsed, sampling=dataclasses.replace(parsed.sampling,
-                                                                      grammar=constraint))
-    reply, first = await serving.start(lease, lambda engine: _stream(engine, parsed),
-                                       "messages" if kind == "chat" else "prompt")
+    shown, _ = await serving.open_reply(
+        request, served, lambda engine: _constraints(engine, parsed),
+        lambda engine, constraint: _stream(engine, parsed, constraint),
+        "messages" if kind == "chat" else "prompt", parsed.options.tools)
     meta = api.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
-    shown = Shown(reply, first, style, parsed.options.tools)
     if parsed.stream:
         return ClosingStream(_events(request, serving, shown, parsed, meta),
                                  media_type="text/event-stream",
@@ -110,11 +103,12 @@ async def _complete(request: Request, kind: str) -> Response:
         tool_calls=[call.openai() for call in shown.calls], reasoning=whole.reasoning))
 
 
-def _stream(engine: LocalEngine, parsed: api.Request
+def _stream(engine: LocalEngine, parsed: api.Request, constraint: OutputGrammar | None
             ) -> Generator[Part, None, None] | Generator[str, None, None]:
+    sampling = dataclasses.replace(parsed.sampling, grammar=constraint)
     if parsed.messages is not None:  # a thinking model's thinking apart from the answer
-        return engine.stream_parts(parsed.messages, parsed.sampling, parsed.options)
-    return engine.stream_text(parsed.prompt or "", parsed.sampling, parsed.options)
+        return engine.stream_parts(parsed.messages, sampling, parsed.options)
+    return engine.stream_text(parsed.prompt or "", sampling, parsed.options)
 
 
 async def _events(request: Request, serving: Serving, shown: Shown, parsed: api.Request,

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from localchat.engine.grammar import OutputGrammar
 from localchat.engine.local import EngineOptions, LocalEngine
 from localchat.engine.reasoning import ANSWER, REASONING, Part
 from localchat.errors import ContextOverflowError, LocalchatError
@@ -82,6 +83,26 @@ class Serving:
         if lease.load_s:
             note(request, f"loaded {served.id} in {lease.load_s:.2f} s")
         return lease
+
+    async def open_reply(self, request: Request, served: ServedModel,
+                         check: Callable[[LocalEngine], tuple[str | None, OutputGrammar | None]],
+                         start: Callable[[LocalEngine, OutputGrammar | None],
+                                         Generator[str, None, None] | Generator[Part, None, None]],
+                         param: str, tools: Sequence[Mapping[str, Any]],
+                         options: EngineOptions | None = None,
+                         keep_alive: KeepAlive = ...) -> tuple[Shown, Lease]:
+        """Both APIs' way into a reply: the model leased, what the request asks of it checked
+        (`check` gives the tool-call style and the grammar, or a 400 that releases the model),
+        then the reply started under that grammar and shown as the request's tools need."""
+        lease = await self.lease(request, served, options)
+        try:
+            style, constraint = check(lease.engine)
+        except ApiError:
+            lease.release()
+            raise
+        reply, first = await self.start(lease, lambda engine: start(engine, constraint), param,
+                                        keep_alive)
+        return Shown(reply, first, style, tools), lease
 
     async def start(self, lease: Lease,
                     start: Callable[[LocalEngine], Generator[str, None, None]
