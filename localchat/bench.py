@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localchat.engine.local import EngineOptions, LoadInfo, LocalEngine, context_hint
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions, LoadInfo, context_hint
 from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.errors import UsageError
 from localchat.render import format_bytes

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from localchat.chat.attachments import Attachment, FileRef, check_room, message_with, read_files
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
 from localchat.engine.loader import open_engine
-from localchat.engine.local import DEFAULT_CONTEXT, EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import DEFAULT_CONTEXT, EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.engine.reasoning import REASONING
 from localchat.errors import ExitStatus, LocalchatError, UsageError

@@ -304,7 +304,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 def context_note(info: EngineInfo, stats: GenerationStats) -> str:
     """Why a reply stopped short without -n: the context window is full."""
-    from localchat.engine.local import context_hint
+    from localchat.engine.options import context_hint
 
     hint = context_hint(info.n_ctx, getattr(info, "n_ctx_train", None), "shorten the input")
     return (f"note: the reply stopped at the end of the {info.n_ctx}-token context window "

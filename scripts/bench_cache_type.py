@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localchat.engine.local import EngineOptions, LocalEngine  # noqa: E402
+from localchat.engine.local import LocalEngine  # noqa: E402
+from localchat.engine.options import EngineOptions  # noqa: E402
 from localchat.engine.protocol import Sampling  # noqa: E402
 from localchat.models.gguf_reader import read_model_file  # noqa: E402
 

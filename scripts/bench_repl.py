@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from localchat.chat.conversation import messages_for_model  # noqa: E402
 from localchat.chat.session import ChatSession, ReplOptions  # noqa: E402
 from localchat.engine.loader import load_engine  # noqa: E402
-from localchat.engine.local import EngineOptions  # noqa: E402
+from localchat.engine.options import EngineOptions  # noqa: E402
 from localchat.engine.protocol import Sampling  # noqa: E402
 from localchat.oneshot import Request  # noqa: E402
 from localchat.render import Environment  # noqa: E402

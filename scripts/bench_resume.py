@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["LOCALCHAT_HOME"] = tempfile.mkdtemp(prefix="localchat-bench-resume-")
 sys.path.insert(0, str(ROOT))
 
-from localchat.engine.local import EngineOptions, LocalEngine  # noqa: E402
+from localchat.engine.local import LocalEngine  # noqa: E402
+from localchat.engine.options import EngineOptions  # noqa: E402
 from localchat.engine.protocol import Sampling  # noqa: E402
 from localchat.history import snapshots  # noqa: E402
 from localchat.history.records import open_history  # noqa: E402

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from localchat.engine import kv_reuse  # noqa: E402
 from localchat.engine.loader import load_engine  # noqa: E402
-from localchat.engine.local import EngineOptions, LocalEngine  # noqa: E402
+from localchat.engine.local import LocalEngine  # noqa: E402
+from localchat.engine.options import EngineOptions  # noqa: E402
 from localchat.engine.protocol import Sampling  # noqa: E402
 from localchat.engine.reasoning import REASONING  # noqa: E402
 from tests.thinking_models import make_copy  # noqa: E402

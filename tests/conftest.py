@@ -105,7 +105,7 @@ def smollm2_engine(smollm2_path):
     """The test model, loaded once per module: a 1,024-token window and one thread (spinning
     llama.cpp threads on a busy CPU are very slow)."""
     from localchat.engine.loader import load_engine
-    from localchat.engine.local import EngineOptions
+    from localchat.engine.options import EngineOptions
 
     loaded = load_engine(EngineOptions(model_path=smollm2_path, n_ctx=1024, threads=1))
     yield loaded

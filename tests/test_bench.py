@@ -17,7 +17,7 @@ from gguf_factory import write_tiny_gguf
 
 from localchat import bench
 from localchat.engine.loader import load_engine
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.models.gguf_reader import read_model_file
 from localchat.render import format_bytes

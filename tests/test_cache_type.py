@@ -7,7 +7,8 @@ import json
 import pytest
 from cli_runner import run_cli
 
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.errors import UsageError
 from localchat.history.records import open_history

@@ -28,7 +28,7 @@ import pytest
 from cli_runner import CliResult, run_cli
 
 from localchat import paths
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.history import snapshots
 from localchat.history.records import open_history

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.engine.runtime import compiled_backend, physical_core_count
 from localchat.errors import ContextOverflowError, UsageError

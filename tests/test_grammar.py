@@ -239,7 +239,7 @@ PROMPTS = ["Invent a person.", "Describe a pet.", "Tell me about Paris.",
 @pytest.fixture(scope="module")
 def engine(smollm2_path):
     from localchat.engine.loader import load_engine
-    from localchat.engine.local import EngineOptions
+    from localchat.engine.options import EngineOptions
 
     loaded = load_engine(EngineOptions(model_path=smollm2_path, n_ctx=1024, threads=1))
     yield loaded

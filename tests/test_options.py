@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.errors import UsageError
 from localchat.settings import merge

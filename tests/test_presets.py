@@ -15,7 +15,7 @@ from cli_runner import run_cli
 
 from localchat import paths, settings
 from localchat.config import load_config
-from localchat.engine.local import _FIELDS
+from localchat.engine.options import _FIELDS
 from localchat.errors import ConfigError
 from localchat.render import Environment
 

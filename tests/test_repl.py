@@ -28,7 +28,7 @@ from localchat.chat.session import ChatSession, ReplOptions
 from localchat.chat.slash_commands import completions
 from localchat.commands.models import ensure_local
 from localchat.engine.loader import load_engine
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.errors import UsageError
 from localchat.history.records import default_history_path, open_history

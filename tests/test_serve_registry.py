@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.serve.models import ServedModel
 from localchat.serve.registry import Busy, ModelRegistry

@@ -24,7 +24,7 @@ from localchat.chat.conversation import Conversation, parse_setting
 from localchat.chat.slash_commands import completions, run_command
 from localchat.config import load_config
 from localchat.engine import templates
-from localchat.engine.local import _FIELDS, EngineOptions
+from localchat.engine.options import _FIELDS, EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.errors import ConfigError, UsageError
 from localchat.models.catalog import load_catalog

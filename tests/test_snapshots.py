@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.history import snapshots
 from localchat.history.records import open_history

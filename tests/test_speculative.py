@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from localchat.engine import speculative
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.engine.speculative import DraftPolicy, NgramDrafter
 from localchat.models.gguf_reader import read_model_file

@@ -8,7 +8,7 @@ import pytest
 
 from localchat.chat.session import ReplOptions
 from localchat.engine.loader import load_engine
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.history.records import open_history
 from tests.chat_harness import TerminalText, chat, error_lines

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from localchat.engine.loader import load_engine
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.engine.reasoning import ANSWER, REASONING
 from localchat.errors import UsageError

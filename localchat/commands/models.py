@@ -21,7 +21,7 @@ from localchat.errors import LocalchatError, UsageError
 from localchat.render import Environment
 
 if TYPE_CHECKING:  # for annotations only: `localchat --help` imports none of these
-    from localchat.engine.local import EngineOptions
+    from localchat.engine.options import EngineOptions
     from localchat.models.catalog import ModelRef
 
 
@@ -58,7 +58,7 @@ def _pull(ref: ModelRef, offline: bool, env: Environment) -> Path:
 def engine_options(values: dict[str, Any], ref: ModelRef, offline: bool, env: Environment,
                     verbose: bool) -> EngineOptions:
     """How to load the model `ref` with the merged settings; a missing model is pulled first."""
-    from localchat.engine.local import EngineOptions, check_cache_type
+    from localchat.engine.options import EngineOptions, check_cache_type
 
     check_cache_type(values["cache_type"], values["flash_attn"])  # before any download
     options = EngineOptions.from_settings(values, ensure_local(ref, offline=offline, env=env),
@@ -71,7 +71,7 @@ def warn_beyond_training(env: Environment, options: EngineOptions) -> None:
     """A note when the window is larger than the model was trained on (it works, but badly)."""
     if options.n_ctx is None:
         return
-    from localchat.engine.local import context_warning
+    from localchat.engine.options import context_warning
     from localchat.models.gguf_reader import read_model_file
 
     try:
@@ -172,7 +172,7 @@ def show(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """A model's metadata, chat template and memory needs, without loading the weights."""
-    from localchat.engine.local import context_warning
+    from localchat.engine.options import context_warning
     from localchat.engine.runtime import available_memory_bytes
     from localchat.models import store
     from localchat.models.catalog import resolve_model

@@ -21,7 +21,7 @@ from typing import Any, overload
 from urllib.parse import urlsplit
 
 from localchat import __version__
-from localchat.engine.local import DEFAULT_CONTEXT
+from localchat.engine.options import DEFAULT_CONTEXT
 from localchat.engine.protocol import GenerationStats, Sampling, answer_only
 from localchat.engine.reasoning import REASONING, Part, Splitter, Thinking, family_named
 from localchat.errors import EngineError, UsageError

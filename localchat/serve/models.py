@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localchat.engine.local import EngineOptions
+from localchat.engine.options import EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.errors import LocalchatError
 

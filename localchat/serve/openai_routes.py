@@ -64,7 +64,7 @@ async def _model(request: Request) -> Response:
 def context_of(model: ServedModel) -> int:
     """The context window the model has (or will have) loaded: --ctx, else its trained length
     capped as the engine caps it."""
-    from localchat.engine.local import DEFAULT_CONTEXT
+    from localchat.engine.options import DEFAULT_CONTEXT
 
     if model.options.n_ctx:
         return model.options.n_ctx

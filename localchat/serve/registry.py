@@ -24,7 +24,8 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions
 from localchat.serve.models import ServedModel, header_of
 
 FOREVER = None  # keep_alive: stay loaded until evicted

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from localchat.engine.grammar import OutputGrammar
-from localchat.engine.local import EngineOptions, LocalEngine
+from localchat.engine.local import LocalEngine
+from localchat.engine.options import EngineOptions
 from localchat.engine.reasoning import ANSWER, REASONING, Part
 from localchat.errors import ContextOverflowError, LocalchatError
 from localchat.serve.generation import Piece, Reply
