@@ -6,6 +6,7 @@ import pytest
 
 from localchat.engine.protocol import GenerationStats, Sampling
 from localchat.serve import openai_api as api
+from localchat.serve import openai_replies as replies
 
 
 def stats(finish_reason: str) -> GenerationStats:
@@ -15,12 +16,12 @@ def stats(finish_reason: str) -> GenerationStats:
 
 def test_a_full_context_window_is_openais_length():
     for kind in ("chat", "text"):
-        meta = api.new_meta(kind, "abc", "m")
-        assert api.whole_reply(meta, "hi", stats("context"))["choices"][0]["finish_reason"] == \
+        meta = replies.new_meta(kind, "abc", "m")
+        assert replies.whole_reply(meta, "hi", stats("context"))["choices"][0]["finish_reason"] == \
             "length"
-        assert api.chunk(meta, finish="context")["choices"][0]["finish_reason"] == "length"
-        assert api.chunk(meta, finish="stop")["choices"][0]["finish_reason"] == "stop"
-        assert api.chunk(meta, text="a")["choices"][0]["finish_reason"] is None
+        assert replies.chunk(meta, finish="context")["choices"][0]["finish_reason"] == "length"
+        assert replies.chunk(meta, finish="stop")["choices"][0]["finish_reason"] == "stop"
+        assert replies.chunk(meta, text="a")["choices"][0]["finish_reason"] is None
 
 
 @pytest.mark.parametrize("role", [["user"], {"name": "user"}, None, 5])

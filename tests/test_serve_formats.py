@@ -11,6 +11,7 @@ from localchat.engine.protocol import GenerationStats, Sampling, TokenLogprob
 from localchat.engine.templates import ChatTemplate, renders_tools
 from localchat.serve import ollama_api, tools
 from localchat.serve import openai_api as api
+from localchat.serve import openai_replies as replies
 from localchat.serve.http import MAX_NESTING, decode_json
 from localchat.serve.openai_api import ApiError, parse_request
 from localchat.serve.server import serve_settings
@@ -99,21 +100,22 @@ def test_response_format_and_stream_options():
 def test_reply_bodies_carry_logprobs_and_tool_calls():
     entries = [TokenLogprob(b"Hi", -0.5, ((b"Hi", -0.5), (b"Hello", -1.5))),
                TokenLogprob(b"\xe2", -0.1)]
-    meta = api.new_meta("chat", "x", "m")
-    whole = api.whole_reply(meta, "Hi", STATS, logprobs=entries)
+    meta = replies.new_meta("chat", "x", "m")
+    whole = replies.whole_reply(meta, "Hi", STATS, logprobs=entries)
     content = whole["choices"][0]["logprobs"]["content"]
     assert content[0] == {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
         {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
         {"token": "Hello", "logprob": -1.5, "bytes": [72, 101, 108, 108, 111]}]}
     assert content[1]["bytes"] == [0xE2]  # part of a character: the bytes tell the rest
-    assert api.whole_reply(meta, "Hi", STATS)["choices"][0]["logprobs"] is None
+    assert replies.whole_reply(meta, "Hi", STATS)["choices"][0]["logprobs"] is None
     call = tools.ToolCall("get_weather", '{"city": "Paris"}', "call_1").openai()
-    called = api.whole_reply(meta, "", STATS, tool_calls=[call])["choices"][0]
+    called = replies.whole_reply(meta, "", STATS, tool_calls=[call])["choices"][0]
     assert called["finish_reason"] == "tool_calls"
     assert called["message"] == {"role": "assistant", "content": None, "tool_calls": [call]}
-    streamed = api.chunk(meta, tool_calls=[call])["choices"][0]["delta"]["tool_calls"][0]
+    streamed = replies.chunk(meta, tool_calls=[call])["choices"][0]["delta"]["tool_calls"][0]
     assert streamed["index"] == 0 and streamed["function"]["name"] == "get_weather"
-    text = api.chunk(api.new_meta("text", "y", "m"), text="Hi", logprobs=entries[:1], offset=7)
+    text = replies.chunk(replies.new_meta("text", "y", "m"), text="Hi", logprobs=entries[:1],
+                         offset=7)
     assert text["choices"][0]["logprobs"] == {"tokens": ["Hi"], "token_logprobs": [-0.5],
                                               "top_logprobs": [{"Hi": -0.5, "Hello": -1.5}],
                                               "text_offset": [7]}

@@ -11,13 +11,12 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
-import os
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from localchat.engine import kv_reuse, reasoning, templates
+from localchat.engine import kv_reuse, reasoning, sampler_chain, templates
 from localchat.engine.options import (
     CACHE_GGML_TYPES,
     DEFAULT_CONTEXT,
@@ -51,9 +50,6 @@ if TYPE_CHECKING:
     from localchat.engine.grammar import OutputGrammar
     from localchat.engine.grammar_sampler import GrammarSampler
     from localchat.models.gguf_reader import ModelInfo
-
-PENALTY_LAST_N = 64  # llama.cpp's default window for repeat penalties
-
 
 @dataclass
 class _Cursor:
@@ -273,7 +269,8 @@ class LocalEngine:
                 cursor.last_token_at = now  # the end-of-turn token is not part of the reply
                 cursor.completion_tokens += 1
                 if options.logprobs is not None:
-                    self.token_logprobs.append(self._logprob(token, options.logprobs))
+                    self.token_logprobs.append(sampler_chain.token_logprob(
+                        self._llama_cpp, self._llama, token, options.logprobs, self._piece))
                 was_thinking = reply.thinking
                 parts = reply.feed(decoder.decode(self._piece(token)))
                 if was_thinking or reply.thinking:
@@ -324,44 +321,12 @@ class LocalEngine:
 
     def _sampler(self, sampling: Sampling, options: ReplyOptions
                  ) -> LlamaSampler | GrammarSampler:
-        """The sampler chain for one reply; with a grammar (--schema, --format json, --grammar),
-        wrapped so the grammar checks the chain's pick first (grammar_sampler.py says why)."""
-        chain = self._chain(sampling, options)
-        if sampling.grammar is None:
-            return chain
-        from localchat.engine.grammar_sampler import GrammarSampler, init_grammar
-
-        return GrammarSampler(self._llama_cpp, chain,
-                              init_grammar(self._llama_cpp, self._vocab, sampling.grammar),
-                              self._llama.n_vocab())
-
-    def _chain(self, sampling: Sampling, options: ReplyOptions) -> LlamaSampler:
-        from llama_cpp import _internals
-
-        sampler = _internals.LlamaSampler()
+        """The sampler of one reply: llama.cpp's chain, with the grammar when there is one."""
         n_vocab = self._llama.n_vocab()
-        bias = dict(options.logit_bias)
-        if sampling.ignore_eos:
-            bias.update(dict.fromkeys(self._end_of_generation_tokens, float("-inf")))
-        if bias:  # first: the penalties and every later step see the biased logits
-            sampler.add_logit_bias(n_vocab, bias)
-        if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) \
-                != (1.0, 0.0, 0.0):
-            sampler.add_penalties(n_vocab=n_vocab, penalty_last_n=PENALTY_LAST_N,
-                                  penalty_repeat=sampling.repeat_penalty,
-                                  penalty_freq=sampling.frequency_penalty,
-                                  penalty_present=sampling.presence_penalty)
-        if sampling.temperature == 0:
-            sampler.add_greedy()
-            return sampler
-        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4)) >> 1
-        if sampling.top_k > 0:
-            sampler.add_top_k(sampling.top_k)
-        sampler.add_top_p(sampling.top_p, 1)
-        sampler.add_min_p(sampling.min_p, 1)
-        sampler.add_temp(sampling.temperature)
-        sampler.add_dist(seed)
-        return sampler
+        chain = sampler_chain.chain(n_vocab, sampling, options.logit_bias,
+                                    self._end_of_generation_tokens if sampling.ignore_eos else ())
+        return sampler_chain.with_grammar(self._llama_cpp, self._vocab, chain, sampling.grammar,
+                                          n_vocab)
 
     def check_grammar(self, grammar: OutputGrammar) -> None:
         """Raise UsageError (llama.cpp's own message, on one line) if `grammar` does not parse."""
@@ -369,24 +334,6 @@ class LocalEngine:
 
         self._check_open()
         self._llama_cpp.llama_sampler_free(init_grammar(self._llama_cpp, self._vocab, grammar))
-
-    def _logprob(self, token: int, top: int) -> TokenLogprob:
-        """log-softmax of the logits llama.cpp just computed: the chosen token's, and the `top`
-        likeliest tokens'. Only when a request asks: ~0.1 ms a token for a 50k vocabulary."""
-        import numpy
-
-        n_vocab = self._llama.n_vocab()
-        pointer = self._llama_cpp.llama_get_logits_ith(self._llama._ctx.ctx, -1)
-        logits = numpy.ctypeslib.as_array(pointer, shape=(n_vocab,)).astype(numpy.float64)
-        peak = logits.max()
-        log_total = peak + numpy.log(numpy.exp(logits - peak).sum())
-        best: list[int] = []
-        if top > 0:
-            candidates = numpy.argpartition(logits, -top)[-top:]
-            best = sorted(candidates.tolist(), key=lambda t: -logits[t])
-        return TokenLogprob(
-            token=self._piece(token), logprob=float(logits[token] - log_total),
-            top=tuple((self._piece(t), float(logits[t] - log_total)) for t in best))
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

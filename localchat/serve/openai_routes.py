@@ -20,6 +20,7 @@ from localchat.engine.local import LocalEngine
 from localchat.engine.reasoning import REASONING, Part
 from localchat.errors import LocalchatError
 from localchat.serve import openai_api as api
+from localchat.serve import openai_replies as replies
 from localchat.serve import tools
 from localchat.serve.generation import Reply
 from localchat.serve.http import (
@@ -50,7 +51,7 @@ def _serving(request: Request) -> Serving:
 
 async def _models(request: Request) -> Response:
     serving = _serving(request)
-    entries = [api.model_entry(model.id, serving.created, context_of(model))
+    entries = [replies.model_entry(model.id, serving.created, context_of(model))
                for model in serving.models.list()]
     return JSONResponse({"object": "list", "data": entries})
 
@@ -58,7 +59,7 @@ async def _models(request: Request) -> Response:
 async def _model(request: Request) -> Response:
     serving = _serving(request)
     model = serving.find(request.path_params["model"])
-    return JSONResponse(api.model_entry(model.id, serving.created, context_of(model)))
+    return JSONResponse(replies.model_entry(model.id, serving.created, context_of(model)))
 
 
 def context_of(model: ServedModel) -> int:
@@ -91,14 +92,14 @@ async def _complete(request: Request, kind: str) -> Response:
         request, served, lambda engine: _constraints(engine, parsed),
         lambda engine, constraint: _stream(engine, parsed, constraint),
         "messages" if kind == "chat" else "prompt", parsed.options.tools)
-    meta = api.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
+    meta = replies.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
     if parsed.stream:
         return ClosingStream(_events(request, serving, shown, parsed, meta),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     whole = await whole_or_gone(request, serving, shown)
     wanted = parsed.options.logprobs is not None
-    return JSONResponse(api.whole_reply(
+    return JSONResponse(replies.whole_reply(
         meta, whole.text, whole.stats, logprobs=whole.logprobs if wanted else None,
         tool_calls=[call.openai() for call in shown.calls], reasoning=whole.reasoning))
 
@@ -112,22 +113,22 @@ def _stream(engine: LocalEngine, parsed: api.Request, constraint: OutputGrammar 
 
 
 async def _events(request: Request, serving: Serving, shown: Shown, parsed: api.Request,
-                  meta: api.ReplyMeta) -> AsyncIterator[str]:
+                  meta: replies.ReplyMeta) -> AsyncIterator[str]:
     """The reply as server-sent events; a client that leaves stops the generation."""
     reply: Reply = shown.reply
     wanted = parsed.options.logprobs is not None
     ended = False
     try:
         if meta.kind == "chat":
-            yield _event(api.chunk(meta, opening=True, logprobs=[] if wanted else None))
+            yield _event(replies.chunk(meta, opening=True, logprobs=[] if wanted else None))
         offset = 0
         try:
             async for piece in shown:
                 logprobs = list(piece.logprobs) if wanted else None
                 if piece.kind == REASONING:
-                    yield _event(api.chunk(meta, reasoning=piece.text, logprobs=logprobs))
+                    yield _event(replies.chunk(meta, reasoning=piece.text, logprobs=logprobs))
                     continue
-                yield _event(api.chunk(meta, text=piece.text, offset=offset, logprobs=logprobs))
+                yield _event(replies.chunk(meta, text=piece.text, offset=offset, logprobs=logprobs))
                 offset += len(piece.text)
         except Exception as exc:  # the engine failed mid-reply: say so in the stream
             ended = True
@@ -142,10 +143,10 @@ async def _events(request: Request, serving: Serving, shown: Shown, parsed: api.
         ended = True
         calls = [call.openai() for call in shown.calls]
         if calls:
-            yield _event(api.chunk(meta, tool_calls=calls))
-        yield _event(api.chunk(meta, finish="tool_calls" if calls else stats.finish_reason))
+            yield _event(replies.chunk(meta, tool_calls=calls))
+        yield _event(replies.chunk(meta, finish="tool_calls" if calls else stats.finish_reason))
         if parsed.include_usage:
-            yield _event(api.usage_chunk(meta, stats))
+            yield _event(replies.usage_chunk(meta, stats))
         yield "data: [DONE]\n\n"
         note(request, reply_note(stats))
     finally:
