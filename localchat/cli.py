@@ -19,7 +19,7 @@ from localchat import __version__
 from localchat.commands import bench, history, models, run, serve
 from localchat.commands.options import SOURCES, env_of
 from localchat.errors import ExitStatus, LocalchatError, UsageError
-from localchat.render import Environment
+from localchat.render import Environment, print_error
 
 app = typer.Typer(
     name="localchat",
@@ -90,8 +90,6 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     except click.UsageError as exc:
         if debug:
             raise
-        from localchat.render import print_error
-
         command = exc.ctx.command_path if exc.ctx else _command_path(argv)
         print_error(env, UsageError(exc.format_message(), f"see `{command} --help`"))
         code = ExitStatus.USAGE
@@ -111,16 +109,12 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     except LocalchatError as exc:
         if debug:
             raise
-        from localchat.render import print_error
-
         print_error(env, exc)
         code = exc.exit_status
     except (OSError, MemoryError) as exc:
         if debug:
             raise
         from localchat.errors import disk_full_error
-        from localchat.render import print_error
-
         full = isinstance(exc, OSError) and disk_full_error(exc, exc.filename,
                                                             "free some space, then try again")
         print_error(env, full or LocalchatError(str(exc), "run with --debug for the traceback"))
@@ -128,8 +122,6 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> None:
     except Exception as exc:  # a bug: one line, not a traceback, unless asked for
         if debug:
             raise
-        from localchat.render import print_error
-
         detail = " ".join(str(exc).split())
         print_error(env, LocalchatError(
             f"unexpected {type(exc).__name__}" + (f": {detail}" if detail else ""),

@@ -12,6 +12,7 @@ from localchat import render
 from localchat.commands.options import env_of
 from localchat.errors import LocalchatError
 from localchat.render import Environment
+from localchat.table_cells import emphasis
 
 if TYPE_CHECKING:  # for annotations only: `localchat --help` imports none of these
     from localchat.history.records import ConversationRecord, HistoryStore
@@ -111,7 +112,7 @@ def history_search(context: typer.Context,
         return
     render.print_table(env, ["ID", "NAME", "ROLE", "WHEN", "MATCH"], [
         [str(hit.conversation_id), hit.conversation_name or "-", hit.role,
-         render.format_when(hit.created_at), render.emphasis(hit.snippet, hit.matches)]
+         render.format_when(hit.created_at), emphasis(hit.snippet, hit.matches)]
         for hit in hits], fit=("NAME", "MATCH"))
 
 
