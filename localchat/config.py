@@ -30,6 +30,11 @@ class Config:
     remote_model: str | None = None  # [remote] model: the server's model id
     presets: Mapping[str, Preset] = field(default_factory=dict)  # [presets.NAME], by name
 
+    @property
+    def snapshot_cap_bytes(self) -> int | None:
+        """The cap in bytes (sizes are decimal MB everywhere); None: the built-in cap."""
+        return None if self.snapshot_cap_mb is None else self.snapshot_cap_mb * 1_000_000
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -101,6 +106,9 @@ def load_config(path: Path | None = None) -> Config:
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ConfigError(f"{where}: {key} must be {words} "
                                   f"(got {settings.shown(value)})")
+            if key == "snapshot_cap_mb" and isinstance(value, int) and value < 0:
+                raise ConfigError(f"{where}: snapshot_cap_mb must be 0 or more (got {value})",
+                                  "0 keeps no snapshots; leave it out for the 2,000 MB default")
             own[key] = value
         else:
             raise ConfigError(f"{where}: unknown setting '{key}'",

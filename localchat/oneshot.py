@@ -385,7 +385,8 @@ def _save_snapshots(request: Request, env: Environment, engine: Engine, recordin
         return
     from localchat.history import snapshots
 
-    cap = request.snapshot_cap_bytes or snapshots.DEFAULT_CAP_BYTES
+    cap = snapshots.DEFAULT_CAP_BYTES if request.snapshot_cap_bytes is None \
+        else request.snapshot_cap_bytes
     notes = [snapshots.save_snapshot(engine, recording.store, recording.conversation_id,
                                      cap).note]
     if warm.prefix is not None:

@@ -108,14 +108,18 @@ def main() -> None:
     parser.add_argument("--reply-tokens", type=int, default=32, help="tokens in every reply")
     parser.add_argument("--repetitions", type=int, default=3, help="conversations measured")
     parser.add_argument("--skip-render", action="store_true", help="only part one")
+    parser.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
+                        help="llama.cpp's attention without flash attention (on by default)")
     args = parser.parse_args()
 
     model = args.model or load_script("fetch_test_model").fetch(
         load_script("fetch_test_model").default_dir())
-    engine = load_engine(EngineOptions(model_path=model, n_ctx=args.ctx, threads=args.threads))
+    engine = load_engine(EngineOptions(model_path=model, n_ctx=args.ctx, threads=args.threads,
+                                       flash_attn=args.flash_attn))
     # Greedy and end-of-turn ignored: every reply is exactly --reply-tokens long.
     sampling = Sampling(temperature=0.0, max_tokens=args.reply_tokens, ignore_eos=True)
     print(f"model {model.name} · ctx {engine.n_ctx} · {engine.info.threads} thread(s) · "
+          f"flash attention {'on' if args.flash_attn else 'off'} · "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     one_conversation(engine, 2, sampling)  # warm-up: caches, page faults, lazy imports

@@ -87,10 +87,13 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5, help="measured runs of each")
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--ctx", type=int, default=4096, help="context window")
+    parser.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
+                        help="llama.cpp's attention without flash attention (on by default)")
     args = parser.parse_args()
     model = args.model or default_model()
     load_before = os.getloadavg()
-    engine = LocalEngine(EngineOptions(model_path=model, n_ctx=args.ctx, threads=args.threads),
+    engine = LocalEngine(EngineOptions(model_path=model, n_ctx=args.ctx, threads=args.threads,
+                                       flash_attn=args.flash_attn),
                          read_model_file(model))
     history = build_history(engine, args.history_tokens)
     resumed = [*history, QUESTION]
@@ -133,7 +136,8 @@ def main() -> None:
                 samples[name].append(measure())
     engine.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    print(f"model {model.name} · ctx {args.ctx} · threads {engine.info.threads} · history "
+    print(f"model {model.name} · ctx {args.ctx} · threads {engine.info.threads} · flash "
+          f"attention {'on' if args.flash_attn else 'off'} · history "
           f"{history_tokens} tokens · snapshot {saved.size_bytes / 1e6:.1f} MB, "
           f"saved in {save_s * 1000:.0f} ms")
     print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "

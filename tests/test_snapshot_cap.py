@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_runner import run_cli
 from gguf_factory import write_tiny_gguf
 
 from localchat import cli, paths
@@ -73,6 +74,7 @@ class Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize(("config", "cap"), [("snapshot_cap_mb = 3\n", 3_000_000),
+                                             ("snapshot_cap_mb = 0\n", 0),
                                              ("", snapshots.DEFAULT_CAP_BYTES)])
 def test_config_snapshot_cap_mb_reaches_the_chat_in_megabytes(tmp_path, monkeypatch, config, cap):
     paths.config_dir().mkdir(parents=True)
@@ -85,3 +87,13 @@ def test_config_snapshot_cap_mb_reaches_the_chat_in_megabytes(tmp_path, monkeypa
         cli.main(["run", str(write_tiny_gguf(tmp_path / "tiny.gguf"))], env)  # a chat: no prompt
     assert exited.value.code == 0
     assert [options.snapshot_cap_bytes for options in given] == [cap]
+
+
+@pytest.mark.parametrize("value", ["-1", "-2000", "1.5", '"2GB"', "true"])
+def test_a_snapshot_cap_below_zero_or_not_a_whole_number_names_the_line(tmp_path, value):
+    paths.config_dir().mkdir(parents=True)
+    paths.config_file().write_text(f'model = "smollm2"\nsnapshot_cap_mb = {value}\n')
+    result = run_cli("run", str(write_tiny_gguf(tmp_path / "tiny.gguf")), "hi")
+    assert result.exit_code == 1, result.stderr
+    assert "config.toml, line 2: snapshot_cap_mb must be " in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2 and "Traceback" not in result.stderr

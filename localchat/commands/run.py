@@ -111,7 +111,7 @@ def run(
         json_output=json_output, verbose=verbose, history=values["history"],
         show_thinking=show_thinking, files=_file_refs(chosen, files), conversation=record,
         session=session if record is None else None, preset=preset,
-        snapshot_cap_bytes=config.snapshot_cap_mb * 1_000_000 if config.snapshot_cap_mb else None,
+        snapshot_cap_bytes=config.snapshot_cap_bytes,
         settings={"preset": preset} if preset else {})
     if not interactive:
         raise typer.Exit(oneshot.run_once(request, env))
@@ -131,8 +131,8 @@ def run(
     from localchat.chat.repl import run_repl
     from localchat.chat.session import ReplOptions
 
-    cap = {} if config.snapshot_cap_mb is None else {
-        "snapshot_cap_bytes": config.snapshot_cap_mb * 1_000_000}  # MB, as sizes are everywhere
+    cap = {} if config.snapshot_cap_bytes is None else {
+        "snapshot_cap_bytes": config.snapshot_cap_bytes}
     raise typer.Exit(run_repl(request, env, ReplOptions(
         markdown=values["markdown"], session=session, resume_last=continue_last,
         load_model=load_model, presets=config.presets, **cap)))
