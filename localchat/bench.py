@@ -60,7 +60,7 @@ class BenchSettings:
     # program's cached files) instead? Never unasked: it slows the whole machine for a while.
     drop_all_caches: bool = False
     bandwidth: bool = True
-    draft: str = "ngram"  # the draft setting for the decode runs (--draft)
+    draft: str = "auto"  # the draft setting for the decode runs (--draft)
 
     def validate(self) -> None:
         """Refuse sizes that cannot be measured, with a usage error naming the flag."""

@@ -102,7 +102,7 @@ def run_once(request: Request, env: Environment) -> int:
 def _run(request: Request, env: Environment, engine: Engine, attachments: list[Attachment],
          text: str) -> int:
     if request.verbose:
-        _describe(env, engine)
+        _describe(env, engine, request.sampling.draft)
     if request.sampling.grammar is not None and isinstance(engine, LocalEngine):
         from localchat.engine.grammar_sampler import without_thinking
 
@@ -295,7 +295,7 @@ def _parse(request: Request, reply: str,
         return None, exc
 
 
-def _describe(env: Environment, engine: Engine) -> None:
+def _describe(env: Environment, engine: Engine, draft: str) -> None:
     info = engine.info
     flash_attn = getattr(info, "flash_attn", None)  # a remote server does not say
     flash = "" if flash_attn is None else (
@@ -306,6 +306,18 @@ def _describe(env: Environment, engine: Engine) -> None:
     print_note(env, f"model {info.model_path} · ctx {info.n_ctx}{threads} · "
                     f"{info.backend}{flash}{kv} · chat template {info.chat_format} "
                     f"({info.chat_format_source})")
+    note = draft_note(draft, getattr(info, "inexact_drafts", None))
+    if note and isinstance(engine, LocalEngine):
+        print_note(env, note)
+
+
+def draft_note(draft: str, inexact: str | None) -> str | None:
+    """What --draft does on this engine, when it is not simply what was asked."""
+    if draft == "auto" and inexact:
+        return f"drafts off (--draft auto): {inexact}; --draft ngram drafts anyway"
+    if draft == "ngram" and inexact:
+        return f"drafts on (--draft ngram), and the text may differ from --draft off: {inexact}"
+    return None
 
 
 def thinking_note(stats: GenerationStats) -> str:

@@ -31,7 +31,7 @@ SEED_MAX = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "a random seed"
 # The built-in chat templates (engine/templates.py FORMAT_NAMES; a test keeps the two equal).
 # llama.cpp's KV cache types localchat offers (engine/local.py maps them to ggml types).
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
-DRAFT_MODES = ("off", "ngram")  # engine/speculative.py: prompt-lookup drafts
+DRAFT_MODES = ("auto", "ngram", "off")  # engine/speculative.py: prompt-lookup drafts
 CHAT_FORMATS = ("chatml", "llama3", "gemma", "phi3", "mistral", "llama2", "raw")
 
 
@@ -165,9 +165,10 @@ SETTINGS: tuple[Setting, ...] = (
             "End a thinking model's thinking after N tokens, then it answers; 0 answers at once.",
             flag="--think-budget", low=0, high=INT32_MAX, commands=_SERVED, catalog=True,
             slash=True, openai="think_budget", shown_default="no limit", metavar="N"),
-    Setting("draft", "str", "sampling", "ngram",
-            "Speculative drafts from the context: ngram (prompt lookup, adapts and pauses when "
-            "it does not pay) or off; the text is the same either way.",
+    Setting("draft", "str", "sampling", "auto",
+            "Speculative drafts from the context (prompt lookup; adapts, and pauses where it "
+            "does not pay): auto drafts where they keep the text exactly that of off (one CPU "
+            "thread, flash attention on); ngram drafts anyway; off.",
             flag="--draft", commands=_LOAD, choices=DRAFT_MODES, catalog=True, slash=True,
             metavar="MODE"),
     # ---- load: how the model is opened ----------------------------------------------------------

@@ -291,7 +291,7 @@ def main() -> int:
                         help="flash attention on both sides (llama.cpp's default is on)")
     parser.add_argument("--cache-type", choices=("f16", "q8_0", "q4_0"), default="f16",
                         help="KV cache type on both sides")
-    parser.add_argument("--draft", choices=("off", "ngram"), default="ngram",
+    parser.add_argument("--draft", choices=("auto", "ngram", "off"), default="auto",
                         help="localchat's prompt-lookup drafts (llama.cpp's tools have none)")
     parser.add_argument("--task", choices=("grounded", "open", "all"),
                         help="instead: the shipped `bench --task` workloads, run vs llama-cli")

@@ -41,7 +41,7 @@ from localchat.engine.runtime import (
     physical_core_count,
     route_llama_logs,
 )
-from localchat.engine.speculative import DraftCounters, DraftPolicy, Stepper
+from localchat.engine.speculative import DraftCounters, DraftPolicy, Stepper, inexact_reason
 from localchat.errors import ContextOverflowError, EngineError, UsageError
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ class LocalEngine:
             flash_attn=options.flash_attn, cache_type=options.cache_type,
             # the cells llama.cpp allocated (n_ctx, maybe rounded up), of the type asked for
             kv_cache_bytes=_kv_cache_bytes(model_info, self._llama.n_ctx(), options.cache_type),
+            inexact_drafts=inexact_reason(gpu_layers != 0, threads, options.flash_attn),
         )
         self.thinking: Thinking | None = templates.thinking_of(
             self.template, model_info.special_tokens, options.thinking, self._bos_text,
@@ -242,7 +243,9 @@ class LocalEngine:
         llama.eval(tokens[cursor.cached_tokens:])
         cursor.prefill_s = time.perf_counter() - prefill_started
         # Log-probabilities read the logits of the one position just evaluated: no drafts then.
-        drafts = sampling.draft != "off" and options.logprobs is None
+        # auto drafts only where a draft cannot change the text (speculative.inexact_reason).
+        drafts = options.logprobs is None and (sampling.draft == "ngram" or (
+            sampling.draft == "auto" and self.info.inexact_drafts is None))
         steps = Stepper(llama, self._llama_cpp, sampler, tokens if drafts else None, self.n_ctx,
                         self._policy,
                         # the chain's logit bias is the end-of-turn ban alone: argmax may stand in

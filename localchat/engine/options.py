@@ -88,6 +88,8 @@ class LoadInfo:
     flash_attn: bool
     cache_type: str = "f16"
     kv_cache_bytes: int | None = None  # llama.cpp's own KV cache buffers for n_ctx
+    # why `--draft auto` does not draft here (drafts could change the text); None: it drafts
+    inexact_drafts: str | None = None
 
 
 def context_hint(n_ctx: int, n_ctx_train: int | None, first: str) -> str:

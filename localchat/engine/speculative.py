@@ -50,6 +50,31 @@ TIMING_DECAY = 0.8
 MIN_GAIN = 1.05  # draft only when it is expected to pay at least this much (noise margin)
 
 
+def inexact_reason(gpu: bool, threads: int, flash_attn: bool) -> str | None:
+    """Why a draft could change the text on this engine, or None where llama.cpp evaluates a
+    batch exactly as it evaluates its tokens one at a time, so `--draft auto` drafts.
+
+    The sampler picks from the same logits either way only if they are the same to the last
+    bit, and llama.cpp does not promise that. On the CPU with several threads it divides the
+    work of one token differently from a batch's: flash attention for one token over 512 KV
+    cells or more splits the cells across threads and merges the parts (ggml's
+    `use_split_kv_path`, never taken for a batch), and repacked matrix kernels (Q4_0, Q4_K,
+    IQ4_NL on AVX2) take one path for one token and another for several. Without flash
+    attention a batch's f16 attention products take another kernel; a GPU has its own. Where
+    two tokens are then within rounding of each other, greedy decoding can take the other one
+    (llama.cpp's own speculative decoding has the same property). One CPU thread with flash
+    attention gave the same text in every comparison we ran, and the tests check it.
+    """
+    if gpu:
+        return "on a GPU, llama.cpp evaluates a batch with other kernels than one token"
+    if not flash_attn:
+        return "without flash attention, llama.cpp's batched attention rounds differently"
+    if threads > 1:
+        return (f"with {threads} threads, llama.cpp divides one token's work differently from "
+                "a batch's, so the last bits of the logits can differ")
+    return None
+
+
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's
     last n-gram (n from NGRAM_MAX down to NGRAM_MIN)."""
