@@ -385,6 +385,17 @@ def test_set_changes_the_chat_and_show_lists_every_set_setting():
     assert completions(chat, "/set markdown o") == ["on", "off"]
 
 
+def test_show_says_why_auto_does_not_draft_and_that_ngram_may_change_the_text():
+    chat = fake_chat()
+    chat.engine.info.inexact_drafts = "with 2 threads, llama.cpp divides one token's work"
+    run_command(chat, "/show")
+    assert re.search(r"^draft +auto \(not drafting: with 2 threads", chat.env.stdout.getvalue(),
+                     re.MULTILINE)
+    run_command(chat, "/set draft ngram")
+    run_command(chat, "/show")
+    assert "ngram (the text may differ: with 2 threads" in chat.env.stdout.getvalue()
+
+
 # ---- the server's requests -------------------------------------------------------------------
 
 

@@ -107,7 +107,12 @@ def _show(chat: ChatSession, argument: str) -> bool:
     for setting in settings.in_scope("sampling"):
         value = getattr(chat.sampling, setting.name)
         if setting.slash or value != setting.default:  # a flag-only one only when it is set
-            fields.append((setting.name, settings.format_value(setting, value)))
+            shown = settings.format_value(setting, value)
+            inexact = getattr(info, "inexact_drafts", None)  # engine/speculative.py says why
+            if setting.name == "draft" and inexact and value != "off":
+                shown += f" ({'not drafting' if value == 'auto' else 'the text may differ'}: " \
+                         f"{inexact})"
+            fields.append((setting.name, shown))
     fields += [("markdown", "on" if chat.markdown else "off"),
                ("system prompt", chat.conversation.system or "(none)"),
                ("conversation", _conversation_label(chat))]
