@@ -7,10 +7,11 @@ the model evaluates the current token and the draft in one `llama_decode`, the s
 token at each position from the model's own logits, and the draft is kept for as long as the
 picks agree with it. The first disagreement is itself the next token (the model's own choice),
 so a step gives one to K+1 tokens, and the text is exactly the text of decoding one token at a
-time: the same sampler chain samples the same logits in the same order, and only the tokens it
-picked ever reach it (`llama_sampler_sample` accepts what it returns), so penalties, grammars
-and the random state advance as without drafts. The KV cells of rejected draft tokens are
-removed before anything else is evaluated.
+time wherever llama.cpp computes the same logits for a token alone and in a batch
+(`inexact_reason` says where it does not): the same sampler chain samples them in the same
+order, and only the tokens it picked ever reach it (`llama_sampler_sample` accepts what it
+returns), so penalties, grammars and the random state advance as without drafts. The KV cells
+of rejected draft tokens are removed before anything else is evaluated.
 
 Drafting adapts (`DraftPolicy`): it learns how often drafts of each n-gram length are accepted,
 also from drafts it only imagined while it was paused (free: the reply shows whether they would
