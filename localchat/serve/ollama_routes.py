@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -18,7 +17,7 @@ from localchat.engine import grammar
 from localchat.engine.grammar import OutputGrammar
 from localchat.engine.local import LocalEngine
 from localchat.engine.protocol import ReplyOptions
-from localchat.engine.reasoning import REASONING, Part
+from localchat.engine.reasoning import REASONING
 from localchat.errors import LocalchatError
 from localchat.serve import ollama_api as api
 from localchat.serve import tools
@@ -32,7 +31,7 @@ from localchat.serve.http import (
 from localchat.serve.models import ServedModel, header_of
 from localchat.serve.openai_api import ApiError
 from localchat.serve.openai_routes import context_of
-from localchat.serve.serving import Serving, Shown, gone_note, reply_note, whole_or_gone
+from localchat.serve.serving import Asked, Serving, Shown, gone_note, reply_note, whole_or_gone
 
 NDJSON = "application/x-ndjson"
 _CHANGES_DISK = {
@@ -176,10 +175,11 @@ async def _reply(request: Request, kind: str) -> Response:
     options = model.options.with_settings(parsed.load) if parsed.load else None
     if parsed.empty:  # Ollama's load and unload requests
         return await _load_or_unload(request, serving, model, parsed, options, started)
+    asked = Asked(parsed.messages, parsed.prompt, parsed.sampling, ReplyOptions(
+        logit_bias=parsed.logit_bias, logprobs=parsed.logprobs, tools=parsed.tools))
     shown, lease = await serving.open_reply(
-        request, model, lambda engine: _check(engine, parsed, name),
-        lambda engine, constraint: _stream(engine, parsed, constraint),
-        "messages" if parsed.messages else "prompt", parsed.tools, options, parsed.keep_alive)
+        request, model, asked, lambda engine: _check(engine, parsed, name),
+        "messages" if parsed.messages else "prompt", options, parsed.keep_alive)
     if parsed.stream:
         return ClosingStream(_lines(request, serving, shown, parsed, started, lease.load_s),
                              media_type=NDJSON)
@@ -203,16 +203,6 @@ async def _load_or_unload(request: Request, serving: Serving, model: ServedModel
         reason = "load"
     return JSONResponse(api.final(api.part(parsed.kind, parsed.model), None,
                                   time.perf_counter() - started, load_s, reason))
-
-
-def _stream(engine: LocalEngine, parsed: api.Request, constraint: OutputGrammar | None
-            ) -> Generator[Part, None, None] | Generator[str, None, None]:
-    sampling = dataclasses.replace(parsed.sampling, grammar=constraint)
-    options = ReplyOptions(logit_bias=parsed.logit_bias, logprobs=parsed.logprobs,
-                           tools=parsed.tools)
-    if parsed.messages is not None:  # a thinking model's thinking apart from the answer
-        return engine.stream_parts(parsed.messages, sampling, options)
-    return engine.stream_text(parsed.prompt or "", sampling, options)
 
 
 def _check(engine: LocalEngine, parsed: api.Request, name: str

@@ -3,10 +3,9 @@ server-sent events or whole."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -17,7 +16,7 @@ from starlette.routing import Route
 from localchat.engine import grammar
 from localchat.engine.grammar import OutputGrammar
 from localchat.engine.local import LocalEngine
-from localchat.engine.reasoning import REASONING, Part
+from localchat.engine.reasoning import REASONING
 from localchat.errors import LocalchatError
 from localchat.serve import openai_api as api
 from localchat.serve import openai_replies as replies
@@ -31,7 +30,7 @@ from localchat.serve.http import (
     read_json,
 )
 from localchat.serve.models import ServedModel, header_of
-from localchat.serve.serving import Serving, Shown, gone_note, reply_note, whole_or_gone
+from localchat.serve.serving import Asked, Serving, Shown, gone_note, reply_note, whole_or_gone
 
 
 def routes() -> list[Route]:
@@ -89,9 +88,8 @@ async def _complete(request: Request, kind: str) -> Response:
     served = serving.find(name if isinstance(name, str) else None)
     parsed = api.parse_request(kind, body, served.sampling)
     shown, _ = await serving.open_reply(
-        request, served, lambda engine: _constraints(engine, parsed),
-        lambda engine, constraint: _stream(engine, parsed, constraint),
-        "messages" if kind == "chat" else "prompt", parsed.options.tools)
+        request, served, Asked(parsed.messages, parsed.prompt, parsed.sampling, parsed.options),
+        lambda engine: _constraints(engine, parsed), "messages" if kind == "chat" else "prompt")
     meta = replies.new_meta(kind, uuid.uuid4().hex[:24], parsed.model or served.id)
     if parsed.stream:
         return ClosingStream(_events(request, serving, shown, parsed, meta),
@@ -102,14 +100,6 @@ async def _complete(request: Request, kind: str) -> Response:
     return JSONResponse(replies.whole_reply(
         meta, whole.text, whole.stats, logprobs=whole.logprobs if wanted else None,
         tool_calls=[call.openai() for call in shown.calls], reasoning=whole.reasoning))
-
-
-def _stream(engine: LocalEngine, parsed: api.Request, constraint: OutputGrammar | None
-            ) -> Generator[Part, None, None] | Generator[str, None, None]:
-    sampling = dataclasses.replace(parsed.sampling, grammar=constraint)
-    if parsed.messages is not None:  # a thinking model's thinking apart from the answer
-        return engine.stream_parts(parsed.messages, sampling, parsed.options)
-    return engine.stream_text(parsed.prompt or "", sampling, parsed.options)
 
 
 async def _events(request: Request, serving: Serving, shown: Shown, parsed: api.Request,

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from localchat.engine.grammar import OutputGrammar
 from localchat.engine.local import LocalEngine
 from localchat.engine.options import EngineOptions
+from localchat.engine.protocol import ReplyOptions, Sampling
 from localchat.engine.reasoning import ANSWER, REASONING, Part
 from localchat.errors import ContextOverflowError, LocalchatError
 from localchat.serve.generation import Piece, Reply
@@ -37,6 +38,25 @@ class RetryLater(ApiError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(429, message, code="rate_limit_exceeded", kind="rate_limit_error")
         self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a request of either API asks the engine for: messages (the thinking kept apart) or a
+    plain prompt, its sampling, and what it adds (tools, logit_bias, logprobs)."""
+
+    messages: list[dict[str, Any]] | None
+    prompt: str | None
+    sampling: Sampling
+    options: ReplyOptions
+
+    def stream(self, engine: LocalEngine, grammar: OutputGrammar | None
+               ) -> Generator[str, None, None] | Generator[Part, None, None]:
+        """The reply, under `grammar` (the request's format or a tool call's, or None)."""
+        sampling = replace(self.sampling, grammar=grammar)
+        if self.messages is not None:  # a thinking model's thinking apart from the answer
+            return engine.stream_parts(self.messages, sampling, self.options)
+        return engine.stream_text(self.prompt or "", sampling, self.options)
 
 
 @dataclass
@@ -85,12 +105,9 @@ class Serving:
             note(request, f"loaded {served.id} in {lease.load_s:.2f} s")
         return lease
 
-    async def open_reply(self, request: Request, served: ServedModel,
+    async def open_reply(self, request: Request, served: ServedModel, asked: Asked,
                          check: Callable[[LocalEngine], tuple[str | None, OutputGrammar | None]],
-                         start: Callable[[LocalEngine, OutputGrammar | None],
-                                         Generator[str, None, None] | Generator[Part, None, None]],
-                         param: str, tools: Sequence[Mapping[str, Any]],
-                         options: EngineOptions | None = None,
+                         param: str, options: EngineOptions | None = None,
                          keep_alive: KeepAlive = ...) -> tuple[Shown, Lease]:
         """Both APIs' way into a reply: the model leased, what the request asks of it checked
         (`check` gives the tool-call style and the grammar, or a 400 that releases the model),
@@ -101,9 +118,9 @@ class Serving:
         except ApiError:
             lease.release()
             raise
-        reply, first = await self.start(lease, lambda engine: start(engine, constraint), param,
-                                        keep_alive)
-        return Shown(reply, first, style, tools), lease
+        reply, first = await self.start(lease, lambda engine: asked.stream(engine, constraint),
+                                        param, keep_alive)
+        return Shown(reply, first, style, asked.options.tools), lease
 
     async def start(self, lease: Lease,
                     start: Callable[[LocalEngine], Generator[str, None, None]
