@@ -313,11 +313,13 @@ def _describe(env: Environment, engine: Engine, draft: str) -> None:
 
 def draft_note(draft: str, inexact: str | None) -> str | None:
     """What --draft does on this engine, when it is not simply what was asked."""
-    if draft == "auto" and inexact:
-        return f"drafts off (--draft auto): {inexact}; --draft ngram drafts anyway"
-    if draft == "ngram" and inexact:
-        return f"drafts on (--draft ngram), and the text may differ from --draft off: {inexact}"
-    return None
+    from localchat.engine.speculative import drafts
+
+    if not inexact or draft == "off":
+        return None
+    if drafts(draft, inexact):
+        return f"drafts on (--draft {draft}), and the text may differ from --draft off: {inexact}"
+    return f"drafts off (--draft {draft}): {inexact}; --draft ngram drafts anyway"
 
 
 def thinking_note(stats: GenerationStats) -> str:

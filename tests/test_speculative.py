@@ -272,6 +272,13 @@ def test_auto_drafts_only_where_a_batch_is_evaluated_as_its_tokens_one_by_one(
     assert reason is None or "llama.cpp" in reason
 
 
+@pytest.mark.parametrize(("mode", "inexact", "drafting"), [
+    ("auto", None, True), ("auto", "why", False), ("ngram", None, True), ("ngram", "why", True),
+    ("off", None, False), ("off", "why", False)])
+def test_which_modes_draft(mode, inexact, drafting):
+    assert speculative.drafts(mode, inexact) is drafting
+
+
 def grounded_file_prompt() -> str:
     """The rename workload: about 1,900 tokens, so attention runs over 2,048 cells (ggml splits
     one token's attention across threads from 512)."""

@@ -110,8 +110,10 @@ def _show(chat: ChatSession, argument: str) -> bool:
             shown = settings.format_value(setting, value)
             inexact = getattr(info, "inexact_drafts", None)  # engine/speculative.py says why
             if setting.name == "draft" and inexact and value != "off":
-                shown += f" ({'not drafting' if value == 'auto' else 'the text may differ'}: " \
-                         f"{inexact})"
+                from localchat.engine.speculative import drafts
+
+                caveat = "the text may differ" if drafts(value, inexact) else "not drafting"
+                shown += f" ({caveat}: {inexact})"
             fields.append((setting.name, shown))
     fields += [("markdown", "on" if chat.markdown else "off"),
                ("system prompt", chat.conversation.system or "(none)"),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from localchat.engine import kv_reuse, reasoning, sampler_chain, templates
+from localchat.engine import kv_reuse, reasoning, sampler_chain, speculative, templates
 from localchat.engine.options import (
     CACHE_GGML_TYPES,
     DEFAULT_CONTEXT,
@@ -41,7 +41,7 @@ from localchat.engine.runtime import (
     physical_core_count,
     route_llama_logs,
 )
-from localchat.engine.speculative import DraftCounters, DraftPolicy, Stepper, inexact_reason
+from localchat.engine.speculative import DraftCounters, DraftPolicy, Stepper
 from localchat.errors import ContextOverflowError, EngineError, UsageError
 
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ class LocalEngine:
             flash_attn=options.flash_attn, cache_type=options.cache_type,
             # the cells llama.cpp allocated (n_ctx, maybe rounded up), of the type asked for
             kv_cache_bytes=_kv_cache_bytes(model_info, self._llama.n_ctx(), options.cache_type),
-            inexact_drafts=inexact_reason(gpu_layers != 0, threads, options.flash_attn),
+            inexact_drafts=speculative.inexact_reason(gpu_layers != 0, threads,
+                                                      options.flash_attn),
         )
         self.thinking: Thinking | None = templates.thinking_of(
             self.template, model_info.special_tokens, options.thinking, self._bos_text,
@@ -243,9 +244,8 @@ class LocalEngine:
         llama.eval(tokens[cursor.cached_tokens:])
         cursor.prefill_s = time.perf_counter() - prefill_started
         # Log-probabilities read the logits of the one position just evaluated: no drafts then.
-        # auto drafts only where a draft cannot change the text (speculative.inexact_reason).
-        drafts = options.logprobs is None and (sampling.draft == "ngram" or (
-            sampling.draft == "auto" and self.info.inexact_drafts is None))
+        drafts = options.logprobs is None and speculative.drafts(sampling.draft,
+                                                                 self.info.inexact_drafts)
         steps = Stepper(llama, self._llama_cpp, sampler, tokens if drafts else None, self.n_ctx,
                         self._policy,
                         # the chain's logit bias is the end-of-turn ban alone: argmax may stand in

@@ -76,6 +76,12 @@ def inexact_reason(gpu: bool, threads: int, flash_attn: bool) -> str | None:
     return None
 
 
+def drafts(mode: str, inexact: str | None) -> bool:
+    """Whether a reply drafts: `ngram` always, `auto` only where drafts keep the text (no
+    `inexact_reason`), `off` never."""
+    return mode == "ngram" or (mode == "auto" and inexact is None)
+
+
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's
     last n-gram (n from NGRAM_MAX down to NGRAM_MIN)."""
