@@ -203,12 +203,14 @@ class Extra:
 def compare_tasks(bin_dir: Path, model: str, threads: int, ctx: int, group: str,
                   extra: Extra) -> list[Row]:
     """The shipped `bench --task` workloads: `localchat run` with drafts on and off vs
-    `llama-cli` on the same message and token cap; the two localchat texts must agree."""
+    `llama-cli` on the same message and token cap (--draft's mode, ngram for off); the texts
+    agree where the mode keeps them exact."""
     import tempfile
 
     sys.path.insert(0, str(ROOT))  # this checkout's workloads
     from localchat.bench_tasks import tasks
 
+    mode = extra.localchat[3] if extra.localchat[3] != "off" else "ngram"
     rows = []
     for task in tasks(group):
         message = task.message()
@@ -220,18 +222,18 @@ def compare_tasks(bin_dir: Path, model: str, threads: int, ctx: int, group: str,
                 "-n", str(task.max_tokens), "-t", str(threads), "-c", str(ctx), "-fa", "on",
                 *extra.native, "-f", prompt.name])))
         runs = {}
-        for draft in ("off", "ngram"):
+        for draft in ("off", mode):
             runs[draft] = localchat("run", model, message, "-n", str(task.max_tokens),
                                     "--temperature", "0", "--threads", str(threads), "--ctx",
                                     str(ctx), "--no-history", *extra.localchat[:2],
                                     "--draft", draft)
-        same = runs["off"]["text"] == runs["ngram"]["text"]
-        accepted = runs["ngram"].get("draft_acceptance")
-        note = f"{task.kind}, {runs['ngram']['completion_tokens']} tok, same text: " \
+        same = runs["off"]["text"] == runs[mode]["text"]
+        accepted = runs[mode].get("draft_acceptance")
+        note = f"{task.kind}, {runs[mode]['completion_tokens']} tok, same text: " \
                f"{'yes' if same else 'NO'}, accepted {accepted}"
         print(f"  {task.name}: {note}", flush=True)
-        rows.append(Row(f"{task.name} draft ngram (run/llama-cli)",
-                        runs["ngram"]["decode_tokens_per_s"], native))
+        rows.append(Row(f"{task.name} draft {mode} (run/llama-cli)",
+                        runs[mode]["decode_tokens_per_s"], native))
         rows.append(Row(f"{task.name} draft off (run/llama-cli)",
                         runs["off"]["decode_tokens_per_s"], native))
     return rows

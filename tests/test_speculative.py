@@ -4,6 +4,7 @@ penalties) and must leave the KV cache holding exactly the reply's tokens."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -259,17 +260,26 @@ def test_every_draft_mode_is_a_setting_choice():
     assert Path(speculative.__file__).name == "speculative.py"
 
 
-@pytest.mark.parametrize(("gpu", "threads", "flash_attn", "exact"), [
-    (False, 1, True, True),  # one thread: every comparison gave the same text
-    (False, 2, True, False),  # one token's work divided across threads unlike a batch's
-    (False, 1, False, False),  # without flash attention a batch takes another kernel
-    (True, 1, True, False),  # GPU kernels
+@pytest.mark.parametrize(("gpu", "threads", "flash_attn", "cache_type", "known", "checked"), [
+    (False, 1, True, "f16", "exact", False),  # one thread: every comparison gave the same text
+    (False, 2, True, "f16", "inexact", True),  # one token's attention split across threads
+    (False, 2, True, "q8_0", "exact", True),  # no split for a quantized cache: measured
+    (False, 1, False, "f16", "inexact", False),  # without flash attention a batch's kernel
+    (True, 1, True, "f16", "exact", True),  # GPU kernels: measured
+    (True, 1, False, "f16", "inexact", True),
 ])
-def test_auto_drafts_only_where_a_batch_is_evaluated_as_its_tokens_one_by_one(
-        gpu, threads, flash_attn, exact):
-    reason = speculative.inexact_reason(gpu, threads, flash_attn)
-    assert (reason is None) == exact
+def test_auto_drafts_where_a_batch_is_evaluated_as_its_tokens_one_by_one(
+        gpu, threads, flash_attn, cache_type, known, checked):
+    reason = speculative.inexact_reason(gpu, threads, flash_attn, cache_type)
+    assert (reason is None) == (known == "exact")
     assert reason is None or "llama.cpp" in reason
+    assert speculative.checked(gpu, threads) is checked
+
+
+def test_a_batch_shape_is_its_size_and_the_power_of_two_of_its_start():
+    shape = speculative.BatchCheck.shape
+    assert shape(5, 300) == shape(5, 500) != shape(5, 512) == shape(5, 1023)
+    assert shape(4, 300) != shape(5, 300)
 
 
 @pytest.mark.parametrize(("mode", "inexact", "drafting"), [
@@ -312,6 +322,74 @@ def test_auto_drafts_a_long_file_on_one_thread_and_keeps_the_text(smollm2_path, 
         loaded.close()
 
 
+def measuring(engine: LocalEngine) -> speculative.BatchCheck:
+    """Make `engine` measure batch shapes before keeping auto's drafts, from scratch, as an
+    engine where `checked` holds does (whatever this machine's rules say)."""
+    engine.info = replace(engine.info, inexact_drafts=None, drafts_checked=True)
+    engine._batch_check = speculative.BatchCheck()
+    return engine._batch_check
+
+
+@pytest.mark.slow
+def test_auto_measures_each_batch_shape_then_keeps_drafts_where_they_match(engine):
+    before = engine.info
+    check = measuring(engine)  # one thread: a batch matches a token alone
+    try:
+        accepted = 0
+        for content in GROUNDED[:2]:
+            plain, _ = reply(engine, content, GREEDY, "off")
+            auto, stats = reply(engine, content, GREEDY, "auto")
+            assert auto == plain
+            assert kv_cells(engine) == engine._llama.n_tokens
+            accepted += stats.draft_accepted
+        assert check.failed is None and check.matched and accepted > 20
+    finally:
+        engine.info, engine._batch_check = before, speculative.BatchCheck()
+
+
+@pytest.mark.slow
+def test_a_batch_that_rounds_otherwise_stops_auto_before_it_keeps_a_draft(smollm2_path):
+    # Two threads and an f16 cache over 1,900 tokens: llama.cpp splits one token's attention
+    # across the threads, never a batch's, so the logits differ in their last bits.
+    loaded = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=2560, threads=2),
+                         read_model_file(smollm2_path))
+    loaded._policy = DraftPolicy(cost=0.05)
+    try:
+        check = measuring(loaded)
+        sampling = Sampling(temperature=0.0, max_tokens=64)
+        plain, _ = reply(loaded, grounded_file_prompt(), sampling, "off")
+        auto, stats = reply(loaded, grounded_file_prompt(), sampling, "auto")
+        assert auto == plain
+        assert (check.failed or "").startswith("measured: llama.cpp gave a token other logits")
+        assert stats.draft_accepted == 0 and not check.matched
+        assert kv_cells(loaded) == loaded._llama.n_tokens  # the batch's cells are gone
+        assert loaded.info.inexact_drafts == check.failed  # /show and --verbose say it
+        _, again = reply(loaded, grounded_file_prompt(), sampling, "auto")
+        assert again.draft_tokens == 0
+    finally:
+        loaded.close()
+
+
+@pytest.mark.slow
+def test_auto_with_two_threads_and_a_quantized_cache_measures_and_keeps_the_text(smollm2_path):
+    loaded = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=2560, threads=2,
+                                       cache_type="q8_0"), read_model_file(smollm2_path))
+    loaded._policy = DraftPolicy(cost=0.05)
+    try:
+        assert loaded.info.inexact_drafts is None and loaded.info.drafts_checked
+        sampling = Sampling(temperature=0.0, max_tokens=64)
+        plain, _ = reply(loaded, grounded_file_prompt(), sampling, "off")
+        auto, stats = reply(loaded, grounded_file_prompt(), sampling, "auto")
+        assert auto == plain
+        check = loaded._batch_check
+        # Which way the measurement goes is this CPU's kernels' business; either way it
+        # decided before any draft was kept, and the text is the same.
+        assert (check.matched and stats.draft_accepted > 0) or \
+            (check.failed and stats.draft_accepted == 0)
+    finally:
+        loaded.close()
+
+
 @pytest.mark.slow
 def test_verbose_says_when_auto_does_not_draft_and_when_ngram_may_change_the_text(smollm2_path):
     from cli_runner import run_cli
@@ -320,9 +398,13 @@ def test_verbose_says_when_auto_does_not_draft_and_when_ngram_may_change_the_tex
               "--no-history")
     auto = run_cli(*common)
     assert auto.exit_code == 0, auto.stderr
-    assert "drafts off (--draft auto): with 2 threads, llama.cpp divides" in auto.stderr
+    assert "drafts off (--draft auto): with 2 threads and an f16 KV cache, llama.cpp divides" \
+        in auto.stderr
     forced = run_cli(*common, "--draft", "ngram")
     assert "the text may differ from --draft off" in forced.stderr
     one = run_cli(*common[:-3], "1", "--verbose", "--no-history")
     assert one.exit_code == 0, one.stderr
     assert "drafts off" not in one.stderr and "may differ" not in one.stderr
+    checked = run_cli(*common, "--cache-type", "q8_0")
+    assert checked.exit_code == 0, checked.stderr
+    assert "drafts checked (--draft auto): on 2 threads" in checked.stderr

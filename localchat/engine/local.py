@@ -13,7 +13,7 @@ import ctypes
 import functools
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from localchat.engine import kv_reuse, reasoning, sampler_chain, speculative, templates
@@ -125,7 +125,8 @@ class LocalEngine:
             # the cells llama.cpp allocated (n_ctx, maybe rounded up), of the type asked for
             kv_cache_bytes=_kv_cache_bytes(model_info, self._llama.n_ctx(), options.cache_type),
             inexact_drafts=speculative.inexact_reason(gpu_layers != 0, threads,
-                                                      options.flash_attn),
+                                                      options.flash_attn, options.cache_type),
+            drafts_checked=speculative.checked(gpu_layers != 0, threads),
         )
         self.thinking: Thinking | None = templates.thinking_of(
             self.template, model_info.special_tokens, options.thinking, self._bos_text,
@@ -137,6 +138,7 @@ class LocalEngine:
         self.token_logprobs: list[TokenLogprob] = []
         # What drafting has learnt (acceptance, batch cost) carries over from reply to reply.
         self._policy = DraftPolicy()
+        self._batch_check = speculative.BatchCheck()  # what `--draft auto` measured here
 
     def format_prompt(self, messages: Sequence[dict[str, Any]], think: bool | None = None,
                       tools: Sequence[Mapping[str, Any]] = ()) -> str:
@@ -246,8 +248,10 @@ class LocalEngine:
         # Log-probabilities read the logits of the one position just evaluated: no drafts then.
         drafts = options.logprobs is None and speculative.drafts(sampling.draft,
                                                                  self.info.inexact_drafts)
+        check = self._batch_check if sampling.draft == "auto" and self.info.drafts_checked \
+            else None
         steps = Stepper(llama, self._llama_cpp, sampler, tokens if drafts else None, self.n_ctx,
-                        self._policy,
+                        self._policy, check=check,
                         # the chain's logit bias is the end-of-turn ban alone: argmax may stand in
                         eog_banned=sampling.ignore_eos and bool(self._end_of_generation_tokens)
                         and not options.logit_bias)
@@ -298,6 +302,8 @@ class LocalEngine:
         finally:
             steps.finish()  # the KV cache holds exactly input_ids[:n_tokens], drafts or not
             cursor.draft = steps.counters
+            if check is not None and check.failed and not self.info.inexact_drafts:
+                self.info = replace(self.info, inexact_drafts=check.failed)
         if cursor.finish_reason in ("length", "context") and reply.thinking:
             cursor.finish_reason = "thinking"  # out of tokens before the answer began
         if not reply.stopped:

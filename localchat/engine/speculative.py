@@ -51,29 +51,55 @@ TIMING_DECAY = 0.8
 MIN_GAIN = 1.05  # draft only when it is expected to pay at least this much (noise margin)
 
 
-def inexact_reason(gpu: bool, threads: int, flash_attn: bool) -> str | None:
-    """Why a draft could change the text on this engine, or None where llama.cpp evaluates a
-    batch exactly as it evaluates its tokens one at a time, so `--draft auto` drafts.
+def inexact_reason(gpu: bool, threads: int, flash_attn: bool,
+                   cache_type: str = "f16") -> str | None:
+    """Why drafts are known to change the text on this engine, so `--draft auto` does not
+    draft; None where it drafts (on one CPU thread outright, elsewhere `checked`).
 
     The sampler picks from the same logits either way only if they are the same to the last
-    bit, and llama.cpp does not promise that. On the CPU with several threads it divides the
-    work of one token differently from a batch's: flash attention for one token over 512 KV
-    cells or more splits the cells across threads and merges the parts (ggml's
-    `use_split_kv_path`, never taken for a batch), and repacked matrix kernels (Q4_0, Q4_K,
-    IQ4_NL on AVX2) take one path for one token and another for several. Without flash
-    attention a batch's f16 attention products take another kernel; a GPU has its own. Where
-    two tokens are then within rounding of each other, greedy decoding can take the other one
-    (llama.cpp's own speculative decoding has the same property). One CPU thread with flash
-    attention gave the same text in every comparison we ran, and the tests check it.
+    bit, and llama.cpp does not promise that. Without flash attention a batch's f16 attention
+    products take another kernel. On the CPU with several threads and an f16 KV cache, flash
+    attention for one token over 512 KV cells or more splits the cells across threads and
+    merges the parts (ggml's `use_split_kv_path`, never taken for a batch or a quantized
+    cache). Where two tokens are then within rounding of each other, greedy decoding can take
+    the other one (llama.cpp's own speculative decoding has the same property). One CPU thread
+    with flash attention gave the same text in every comparison we ran, and the tests check it.
     """
-    if gpu:
-        return "on a GPU, llama.cpp evaluates a batch with other kernels than one token"
     if not flash_attn:
         return "without flash attention, llama.cpp's batched attention rounds differently"
-    if threads > 1:
-        return (f"with {threads} threads, llama.cpp divides one token's work differently from "
-                "a batch's, so the last bits of the logits can differ")
+    if not gpu and threads > 1 and cache_type == "f16":
+        return (f"with {threads} threads and an f16 KV cache, llama.cpp divides one token's "
+                "attention across threads unlike a batch's, so the last bits of the logits "
+                "can differ (--cache-type q8_0 avoids it)")
     return None
+
+
+def checked(gpu: bool, threads: int) -> bool:
+    """Whether `--draft auto` must measure, batch shape by batch shape, that a batch gives a
+    token the logits it gets alone before it keeps drafts (`BatchCheck`): everywhere but one
+    CPU thread. Other kernels may serve one token and a batch there: repacked matrix kernels
+    (Q4_0, Q4_K, IQ4_NL on AVX2) and a GPU's own, which no rule written here can list."""
+    return gpu or threads > 1
+
+
+class BatchCheck:
+    """What one engine has measured: the batch shapes whose logits for a token were, to the
+    last bit, those of the same token evaluated alone, or why drafting stopped.
+
+    A shape is the batch size with the power of two of its first position: llama.cpp picks
+    kernels by both (a batch of 4 rows or more takes a repacked kernel's gemm, attention over
+    512 cells or more another path). Each new shape is measured once, at no more cost than
+    one extra position in one batch: the token evaluated alone just before (its logits kept)
+    is evaluated again at the head of the batch, and the two rows of logits are compared.
+    """
+
+    def __init__(self) -> None:
+        self.matched: set[tuple[int, int]] = set()
+        self.failed: str | None = None  # the measured reason drafting stopped
+
+    @staticmethod
+    def shape(size: int, start: int) -> tuple[int, int]:
+        return size, start.bit_length()
 
 
 def drafts(mode: str, inexact: str | None) -> bool:
@@ -185,7 +211,10 @@ class Stepper:
     """
 
     def __init__(self, llama: Any, llama_cpp: Any, sampler: Any, history: Sequence[int] | None,
-                 n_ctx: int, policy: DraftPolicy | None = None, eog_banned: bool = False) -> None:
+                 n_ctx: int, policy: DraftPolicy | None = None, eog_banned: bool = False,
+                 check: BatchCheck | None = None) -> None:
+        """`check`: measure each batch shape against a token alone before keeping its drafts
+        (None: drafts are kept as they are verified)."""
         self._llama, self._n_ctx = llama, n_ctx
         # A LlamaSampler's chain is sampled directly; a wrapper without one (the grammar's,
         # engine/grammar_sampler.py) samples through its own sample(ctx, idx).
@@ -200,9 +229,18 @@ class Stepper:
         self._seq_rm = llama_cpp.llama_memory_seq_rm
         self._capacity = llama._batch._n_tokens
         self._drafter = NgramDrafter(history) if history is not None else None
+        self._check = check
+        if check is not None and check.failed:
+            self._drafter = None
         self._policy = policy or DraftPolicy()
         self.counters = DraftCounters()
         self._index = -1  # the batch index whose logits the next sample reads
+        self._base = 0  # the batch index of the token advanced last (1 after a check's row)
+        self._alone: tuple[int, numpy.ndarray] | None = None  # (position, logits) of a token
+        # just evaluated alone, while `check` may need them
+        self._probe = False  # the next batch starts with that token again, to compare
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self._row = ctypes.c_float * llama.n_vocab()
         self._draft: list[int] = []  # drafted tokens in the KV cache past n_tokens
         self._taken = 0  # of the draft, tokens advanced through so far
         self._n = 0  # the draft's n-gram length
@@ -216,8 +254,6 @@ class Stepper:
         if self._sampler is None:
             self.sample = self._sample_wrapped  # type: ignore[method-assign]
         elif _plain_greedy(llama_cpp, self._sampler, eog_banned):
-            self._logits_ith = llama_cpp.llama_get_logits_ith
-            self._row = ctypes.c_float * llama.n_vocab()
             self._is_eog = llama_cpp.llama_vocab_is_eog
             self._vocab = llama._model.vocab
             self._eog_banned = eog_banned
@@ -233,13 +269,17 @@ class Stepper:
     def _argmax(self) -> int:
         """What a chain of only greedy picks, without the chain's copy of the whole vocabulary
         into candidates (a quarter of a millisecond a token for a 49k vocabulary)."""
-        logits = self._logits_ith(self._ctx, self._index)
-        row = self._row.from_address(ctypes.cast(logits, ctypes.c_void_p).value)
-        token = int(numpy.frombuffer(row, dtype=numpy.float32).argmax())  # the first maximum,
+        token = int(self._logits(self._index).argmax())  # the first maximum,
         # as llama.cpp's greedy sampler picks it
         if self._eog_banned and self._is_eog(self._vocab, token):
             return int(self._sample(self._sampler, self._ctx, self._index))  # its bias decides
         return token
+
+    def _logits(self, index: int) -> numpy.ndarray:
+        """The logits at a batch index, read in place (the next decode overwrites them)."""
+        logits = self._logits_ith(self._ctx, index)
+        row = self._row.from_address(ctypes.cast(logits, ctypes.c_void_p).value)
+        return numpy.frombuffer(row, dtype=numpy.float32)
 
     def advance(self, token: int, room: int | None = None) -> None:
         """Make `token` (just sampled) part of the context; `room` caps the tokens still wanted
@@ -255,7 +295,7 @@ class Stepper:
                 self._input_ids[n] = token
                 llama.n_tokens = n + 1
                 self._taken += 1
-                self._index = self._taken
+                self._index = self._base + self._taken
                 self.counters.accepted += 1
                 if self._taken == len(draft):
                     self._policy.record(self._n, len(draft), len(draft))
@@ -281,6 +321,13 @@ class Stepper:
         if not tokens:
             return
         size = self._policy.size(matched, len(tokens))
+        check = self._check
+        if size and check is not None and check.shape(size + 1, n) not in check.matched:
+            alone = self._alone
+            if alone is None or alone[0] != n - 1:
+                return  # this token is evaluated alone, so the next batch can be measured
+            self._probe = True  # the token before leads the batch: one token fewer drafted
+            size -= 1  # keeps the batch the shape to measure
         if size:
             self._draft, self._taken, self._n = tokens[:size], 0, matched
         else:  # paused: still learn whether this draft would have been right
@@ -296,30 +343,65 @@ class Stepper:
         self._shadow = []
 
     def _evaluate(self, token: int, n: int) -> None:
-        """One llama_decode of `token` at position n and the draft after it."""
-        batch, draft = self._batch, self._draft
-        batch.token[0] = token
-        batch.pos[0] = n
-        batch.logits[0] = 1
-        for i, drafted in enumerate(draft, 1):
-            batch.token[i] = drafted
-            batch.pos[i] = n + i
-            batch.logits[i] = 1
-        size = len(draft) + 1
-        batch.n_tokens = size
-        started = time.perf_counter()
-        code = self._decode(self._ctx, batch)
-        self._policy.timed(size, time.perf_counter() - started)
-        if code != 0:
-            self._draft = []
-            self._seq_rm(self._memory, 0, n, -1)
-            raise RuntimeError(f"llama_decode returned {code}")
+        """Evaluate `token` at position n and the draft after it, in one llama_decode."""
+        draft, probe = self._draft, self._probe
+        if probe:  # the token evaluated alone at n - 1 again, at the head of the batch
+            self._probe = False
+            self._seq_rm(self._memory, 0, n - 1, -1)
+            self._run([self._input_ids[n - 1], token, *draft], n - 1)
+            if not self._same_as_alone(len(draft) + 2, n - 1):
+                self._undo_probe(token, n)
+                return
+        else:
+            self._run([token, *draft], n)
         if draft:
             self.counters.drafted += len(draft)
             self.counters.steps += 1
         self._input_ids[n] = token
         self._llama.n_tokens = n + 1
-        self._index = 0
+        self._index = self._base = int(probe)
+        keep = self._check is not None and not draft and not probe and self._drafter is not None
+        self._alone = (n, self._logits(0).copy()) if keep else None
+
+    def _run(self, tokens: list[int], start: int) -> None:
+        """One llama_decode of `tokens` from position `start`, with logits at each."""
+        batch = self._batch
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.logits[i] = 1
+        batch.n_tokens = len(tokens)
+        started = time.perf_counter()
+        code = self._decode(self._ctx, batch)
+        self._policy.timed(len(tokens), time.perf_counter() - started)
+        if code != 0:
+            self._draft = []
+            self._seq_rm(self._memory, 0, start, -1)
+            self._llama.n_tokens = min(self._llama.n_tokens, start)
+            raise RuntimeError(f"llama_decode returned {code}")
+
+    def _same_as_alone(self, size: int, start: int) -> bool:
+        """Whether the batch just evaluated gave its first token, to the last bit, the logits
+        that token got alone; records the answer in the check."""
+        check, alone = self._check, self._alone
+        assert check is not None and alone is not None
+        if self._logits(0).view(numpy.uint32).tobytes() == alone[1].view(numpy.uint32).tobytes():
+            check.matched.add(check.shape(size, start))
+            return True
+        check.failed = (f"measured: llama.cpp gave a token other logits in a batch of {size} "
+                        f"at position {start} than alone")
+        return False
+
+    def _undo_probe(self, token: int, n: int) -> None:
+        """Drafting stops, and the cache is again what decoding one token at a time leaves:
+        the two tokens evaluated alone, the batch's cells gone."""
+        self._drafter, self._draft, self._alone = None, [], None
+        self._seq_rm(self._memory, 0, n - 1, -1)
+        self._run([self._input_ids[n - 1]], n - 1)
+        self._run([token], n)
+        self._input_ids[n] = token
+        self._llama.n_tokens = n + 1
+        self._index = self._base = 0
 
     def evaluated(self, tokens: Sequence[int]) -> None:
         """`tokens` were evaluated outside (`llama.eval`, which first drops the cells past
@@ -328,7 +410,7 @@ class Stepper:
         if self._draft:
             self._policy.record(self._n, len(self._draft), self._taken)
             self._draft = []
-        self._shadow = []
+        self._shadow, self._alone = [], None
         if self._drafter is not None:
             for token in tokens:
                 self._drafter.push(token)
