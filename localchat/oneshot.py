@@ -17,7 +17,7 @@ from localchat.chat.attachments import Attachment, FileRef, check_room, message_
 from localchat.chat.conversation import Conversation, Message, fit_to_window, messages_for_model
 from localchat.engine.loader import open_engine
 from localchat.engine.local import LocalEngine
-from localchat.engine.options import DEFAULT_CONTEXT, EngineOptions, LoadInfo
+from localchat.engine.options import DEFAULT_CONTEXT, EngineOptions
 from localchat.engine.protocol import Sampling
 from localchat.engine.reasoning import REASONING
 from localchat.errors import ExitStatus, LocalchatError, UsageError
@@ -310,22 +310,15 @@ def _describe(env: Environment, engine: Engine, draft: str) -> None:
     print_note(env, f"model {info.model_path} · ctx {info.n_ctx}{threads} · "
                     f"{info.backend}{flash}{kv} · chat template {info.chat_format} "
                     f"({info.chat_format_source})")
-    if isinstance(engine, LocalEngine):
-        note = draft_note(draft, engine.info)
-        if note:
-            print_note(env, note)
+    note = draft_note(draft, getattr(info, "inexact_drafts", None))
+    if note and isinstance(engine, LocalEngine):
+        print_note(env, note)
 
 
-def draft_note(draft: str, info: LoadInfo) -> str | None:
+def draft_note(draft: str, inexact: str | None) -> str | None:
     """What --draft does on this engine, when it is not simply what was asked."""
     from localchat.engine.speculative import drafts
 
-    inexact = info.inexact_drafts
-    if draft == "auto" and not inexact and info.drafts_checked:
-        where = "a GPU" if info.backend != "CPU" else f"{info.threads} threads"
-        return ("drafts checked (--draft auto): on " + where + ", llama.cpp may use other "
-                "kernels for a batch, so drafts are kept only in batch shapes measured to give "
-                "a token the logits it gets alone")
     if not inexact or draft == "off":
         return None
     if drafts(draft, inexact):

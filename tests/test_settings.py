@@ -396,15 +396,6 @@ def test_show_says_why_auto_does_not_draft_and_that_ngram_may_change_the_text():
     assert "ngram (the text may differ: with 2 threads" in chat.env.stdout.getvalue()
 
 
-def test_show_says_when_auto_measures_each_batch_shape_before_keeping_drafts():
-    chat = fake_chat()
-    chat.engine.info.inexact_drafts = None
-    chat.engine.info.drafts_checked = True
-    run_command(chat, "/show")
-    assert re.search(r"^draft +auto \(each batch shape measured against one token alone",
-                     chat.env.stdout.getvalue(), re.MULTILINE)
-
-
 # ---- the server's requests -------------------------------------------------------------------
 
 

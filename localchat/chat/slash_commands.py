@@ -114,9 +114,6 @@ def _show(chat: ChatSession, argument: str) -> bool:
 
                 caveat = "the text may differ" if drafts(value, inexact) else "not drafting"
                 shown += f" ({caveat}: {inexact})"
-            elif setting.name == "draft" and value == "auto" and \
-                    getattr(info, "drafts_checked", False):
-                shown += " (each batch shape measured against one token alone first)"
             fields.append((setting.name, shown))
     fields += [("markdown", "on" if chat.markdown else "off"),
                ("system prompt", chat.conversation.system or "(none)"),

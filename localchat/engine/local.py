@@ -126,7 +126,6 @@ class LocalEngine:
             kv_cache_bytes=_kv_cache_bytes(model_info, self._llama.n_ctx(), options.cache_type),
             inexact_drafts=speculative.inexact_reason(gpu_layers != 0, threads,
                                                       options.flash_attn, options.cache_type),
-            drafts_checked=speculative.checked(gpu_layers != 0, threads),
         )
         self.thinking: Thinking | None = templates.thinking_of(
             self.template, model_info.special_tokens, options.thinking, self._bos_text,
@@ -248,8 +247,7 @@ class LocalEngine:
         # Log-probabilities read the logits of the one position just evaluated: no drafts then.
         drafts = options.logprobs is None and speculative.drafts(sampling.draft,
                                                                  self.info.inexact_drafts)
-        check = self._batch_check if sampling.draft == "auto" and self.info.drafts_checked \
-            else None
+        check = self._batch_check if sampling.draft == "auto" else None
         steps = Stepper(llama, self._llama_cpp, sampler, tokens if drafts else None, self.n_ctx,
                         self._policy, check=check,
                         # the chain's logit bias is the end-of-turn ban alone: argmax may stand in

@@ -90,8 +90,6 @@ class LoadInfo:
     kv_cache_bytes: int | None = None  # llama.cpp's own KV cache buffers for n_ctx
     # why `--draft auto` does not draft here (drafts could change the text); None: it drafts
     inexact_drafts: str | None = None
-    # auto's drafts are kept only for batch shapes measured to match a token alone
-    drafts_checked: bool = False
 
 
 def context_hint(n_ctx: int, n_ctx_train: int | None, first: str) -> str:

@@ -8,10 +8,11 @@ token at each position from the model's own logits, and the draft is kept for as
 picks agree with it. The first disagreement is itself the next token (the model's own choice),
 so a step gives one to K+1 tokens, and the text is exactly the text of decoding one token at a
 time wherever llama.cpp computes the same logits for a token alone and in a batch
-(`inexact_reason` says where it does not): the same sampler chain samples them in the same
-order, and only the tokens it picked ever reach it (`llama_sampler_sample` accepts what it
-returns), so penalties, grammars and the random state advance as without drafts. The KV cells
-of rejected draft tokens are removed before anything else is evaluated.
+(`inexact_reason` says where it does not; `BatchCheck` measures the rest): the same sampler
+chain samples them in the same order, and only the tokens it picked ever reach it
+(`llama_sampler_sample` accepts what it returns), so penalties, grammars and the random state
+advance as without drafts. The KV cells of rejected draft tokens are removed before anything
+else is evaluated.
 
 Drafting adapts (`DraftPolicy`): it learns how often drafts of each n-gram length are accepted,
 also from drafts it only imagined while it was paused (free: the reply shows whether they would
@@ -53,17 +54,19 @@ MIN_GAIN = 1.05  # draft only when it is expected to pay at least this much (noi
 
 def inexact_reason(gpu: bool, threads: int, flash_attn: bool,
                    cache_type: str = "f16") -> str | None:
-    """Why drafts are known to change the text on this engine, so `--draft auto` does not
-    draft; None where it drafts (on one CPU thread outright, elsewhere `checked`).
+    """Why drafts are known to change the text on this engine, so `--draft auto` does not even
+    try; None where it measures (`BatchCheck`) and drafts in what matched.
 
     The sampler picks from the same logits either way only if they are the same to the last
-    bit, and llama.cpp does not promise that. Without flash attention a batch's f16 attention
+    bit, and llama.cpp does not promise that. Without flash attention a batch's attention
     products take another kernel. On the CPU with several threads and an f16 KV cache, flash
     attention for one token over 512 KV cells or more splits the cells across threads and
     merges the parts (ggml's `use_split_kv_path`, never taken for a batch or a quantized
-    cache). Where two tokens are then within rounding of each other, greedy decoding can take
-    the other one (llama.cpp's own speculative decoding has the same property). One CPU thread
-    with flash attention gave the same text in every comparison we ran, and the tests check it.
+    cache). Other differences no rule here can list: repacked matrix kernels (Q4_0, Q4_K,
+    IQ4_NL on AVX2) compute a batch's rows unlike one token's even on one thread, and a GPU
+    has its own kernels. Where two tokens are then within rounding of each other, greedy
+    decoding can take the other one (llama.cpp's own speculative decoding has the same
+    property).
     """
     if not flash_attn:
         return "without flash attention, llama.cpp's batched attention rounds differently"
@@ -74,23 +77,25 @@ def inexact_reason(gpu: bool, threads: int, flash_attn: bool,
     return None
 
 
-def checked(gpu: bool, threads: int) -> bool:
-    """Whether `--draft auto` must measure, batch shape by batch shape, that a batch gives a
-    token the logits it gets alone before it keeps drafts (`BatchCheck`): everywhere but one
-    CPU thread. Other kernels may serve one token and a batch there: repacked matrix kernels
-    (Q4_0, Q4_K, IQ4_NL on AVX2) and a GPU's own, which no rule written here can list."""
-    return gpu or threads > 1
+def drafts(mode: str, inexact: str | None) -> bool:
+    """Whether a reply drafts: `ngram` always, `auto` only where drafts may keep the text (no
+    `inexact_reason`, nothing measured otherwise), `off` never."""
+    return mode == "ngram" or (mode == "auto" and inexact is None)
 
 
 class BatchCheck:
-    """What one engine has measured: the batch shapes whose logits for a token were, to the
-    last bit, those of the same token evaluated alone, or why drafting stopped.
+    """What one engine has measured for `--draft auto`: the batch shapes whose every row of
+    logits was, to the last bit, what the same tokens got evaluated alone; or why drafting
+    stopped.
 
-    A shape is the batch size with the power of two of its first position: llama.cpp picks
-    kernels by both (a batch of 4 rows or more takes a repacked kernel's gemm, attention over
-    512 cells or more another path). Each new shape is measured once, at no more cost than
-    one extra position in one batch: the token evaluated alone just before (its logits kept)
-    is evaluated again at the head of the batch, and the two rows of logits are compared.
+    A shape is a batch size with the power of two of its first position: llama.cpp picks
+    kernels by both (a repacked kernel's gemm from 4 rows, attention over 512 cells or more
+    another path). Drafts of a shape are kept only once it matched. To measure one, the reply
+    goes on one token at a time until it has as many tokens evaluated alone as the batch
+    holds, their logits kept; those tokens are evaluated again as one batch, and every row is
+    compared (a first row can match where the later ones, which attend to cells the batch
+    wrote, do not). That costs one batch per shape; a difference stops drafting for the
+    engine's life, and the tokens are evaluated alone again, so the text never changes.
     """
 
     def __init__(self) -> None:
@@ -100,12 +105,6 @@ class BatchCheck:
     @staticmethod
     def shape(size: int, start: int) -> tuple[int, int]:
         return size, start.bit_length()
-
-
-def drafts(mode: str, inexact: str | None) -> bool:
-    """Whether a reply drafts: `ngram` always, `auto` only where drafts keep the text (no
-    `inexact_reason`), `off` never."""
-    return mode == "ngram" or (mode == "auto" and inexact is None)
 
 
 class NgramDrafter:
@@ -235,10 +234,9 @@ class Stepper:
         self._policy = policy or DraftPolicy()
         self.counters = DraftCounters()
         self._index = -1  # the batch index whose logits the next sample reads
-        self._base = 0  # the batch index of the token advanced last (1 after a check's row)
-        self._alone: tuple[int, numpy.ndarray] | None = None  # (position, logits) of a token
-        # just evaluated alone, while `check` may need them
-        self._probe = False  # the next batch starts with that token again, to compare
+        self._wanted = 0  # a batch size to measure before drafts of it are kept
+        self._alone: list[tuple[int, numpy.ndarray]] = []  # (position, logits) of the last
+        # tokens evaluated alone, one after another, while a measurement waits for them
         self._logits_ith = llama_cpp.llama_get_logits_ith
         self._row = ctypes.c_float * llama.n_vocab()
         self._draft: list[int] = []  # drafted tokens in the KV cache past n_tokens
@@ -295,7 +293,7 @@ class Stepper:
                 self._input_ids[n] = token
                 llama.n_tokens = n + 1
                 self._taken += 1
-                self._index = self._base + self._taken
+                self._index = self._taken
                 self.counters.accepted += 1
                 if self._taken == len(draft):
                     self._policy.record(self._n, len(draft), len(draft))
@@ -306,7 +304,9 @@ class Stepper:
             self._draft = []
         elif self._shadow:
             self._check_shadow(token)
-        if drafter is not None:
+        if self._wanted and len(self._alone) >= self._wanted:
+            self._measure(n)
+        if self._drafter is not None:
             self._propose(n, room)
         self._evaluate(token, n)
 
@@ -322,12 +322,15 @@ class Stepper:
             return
         size = self._policy.size(matched, len(tokens))
         check = self._check
-        if size and check is not None and check.shape(size + 1, n) not in check.matched:
-            alone = self._alone
-            if alone is None or alone[0] != n - 1:
-                return  # this token is evaluated alone, so the next batch can be measured
-            self._probe = True  # the token before leads the batch: one token fewer drafted
-            size -= 1  # keeps the batch the shape to measure
+        if size and check is not None:
+            # Drafts of 1, 2, 4, 8 or 16 tokens: few shapes to measure. One not matched yet is
+            # measured once that many tokens were evaluated alone; meanwhile the longest
+            # draft of a shape already matched, if any.
+            size = 1 << (size.bit_length() - 1)
+            if check.shape(size + 1, n) not in check.matched:
+                self._wanted = max(self._wanted, size + 1)
+                while size and check.shape(size + 1, n) not in check.matched:
+                    size >>= 1
         if size:
             self._draft, self._taken, self._n = tokens[:size], 0, matched
         else:  # paused: still learn whether this draft would have been right
@@ -344,24 +347,17 @@ class Stepper:
 
     def _evaluate(self, token: int, n: int) -> None:
         """Evaluate `token` at position n and the draft after it, in one llama_decode."""
-        draft, probe = self._draft, self._probe
-        if probe:  # the token evaluated alone at n - 1 again, at the head of the batch
-            self._probe = False
-            self._seq_rm(self._memory, 0, n - 1, -1)
-            self._run([self._input_ids[n - 1], token, *draft], n - 1)
-            if not self._same_as_alone(len(draft) + 2, n - 1):
-                self._undo_probe(token, n)
-                return
-        else:
-            self._run([token, *draft], n)
+        draft = self._draft
+        self._run([token, *draft], n)
         if draft:
             self.counters.drafted += len(draft)
             self.counters.steps += 1
+            self._alone = []
+        elif self._wanted:  # keep the logits: a measurement compares them with a batch's
+            self._alone = self._alone[1 - self._wanted:] + [(n, self._logits(0).copy())]
         self._input_ids[n] = token
         self._llama.n_tokens = n + 1
-        self._index = self._base = int(probe)
-        keep = self._check is not None and not draft and not probe and self._drafter is not None
-        self._alone = (n, self._logits(0).copy()) if keep else None
+        self._index = 0
 
     def _run(self, tokens: list[int], start: int) -> None:
         """One llama_decode of `tokens` from position `start`, with logits at each."""
@@ -380,28 +376,28 @@ class Stepper:
             self._llama.n_tokens = min(self._llama.n_tokens, start)
             raise RuntimeError(f"llama_decode returned {code}")
 
-    def _same_as_alone(self, size: int, start: int) -> bool:
-        """Whether the batch just evaluated gave its first token, to the last bit, the logits
-        that token got alone; records the answer in the check."""
-        check, alone = self._check, self._alone
-        assert check is not None and alone is not None
-        if self._logits(0).view(numpy.uint32).tobytes() == alone[1].view(numpy.uint32).tobytes():
+    def _measure(self, n: int) -> None:
+        """Evaluate the last tokens evaluated alone again, as one batch of the wanted size, and
+        compare every row of its logits with theirs, bit for bit; on a difference, drafting
+        stops and those tokens are evaluated alone again, so the cache is what it was."""
+        check, size = self._check, self._wanted
+        assert check is not None
+        alone, start = self._alone[-size:], n - size
+        assert alone[0][0] == start and alone[-1][0] == n - 1  # one after another, just now
+        self._wanted, self._alone = 0, []
+        tokens = [self._input_ids[position] for position, _ in alone]
+        self._seq_rm(self._memory, 0, start, -1)
+        self._run(tokens, start)
+        if all(self._logits(i).tobytes() == logits.tobytes()
+               for i, (_, logits) in enumerate(alone)):
             check.matched.add(check.shape(size, start))
-            return True
-        check.failed = (f"measured: llama.cpp gave a token other logits in a batch of {size} "
-                        f"at position {start} than alone")
-        return False
-
-    def _undo_probe(self, token: int, n: int) -> None:
-        """Drafting stops, and the cache is again what decoding one token at a time leaves:
-        the two tokens evaluated alone, the batch's cells gone."""
-        self._drafter, self._draft, self._alone = None, [], None
-        self._seq_rm(self._memory, 0, n - 1, -1)
-        self._run([self._input_ids[n - 1]], n - 1)
-        self._run([token], n)
-        self._input_ids[n] = token
-        self._llama.n_tokens = n + 1
-        self._index = self._base = 0
+            return
+        check.failed = (f"measured: llama.cpp gave tokens other logits in a batch of {size} "
+                        f"than alone (at position {start})")
+        self._drafter, self._shadow = None, []
+        self._seq_rm(self._memory, 0, start, -1)
+        for position, token in enumerate(tokens, start):
+            self._run([token], position)
 
     def evaluated(self, tokens: Sequence[int]) -> None:
         """`tokens` were evaluated outside (`llama.eval`, which first drops the cells past
@@ -410,7 +406,7 @@ class Stepper:
         if self._draft:
             self._policy.record(self._n, len(self._draft), self._taken)
             self._draft = []
-        self._shadow, self._alone = [], None
+        self._shadow, self._alone = [], []
         if self._drafter is not None:
             for token in tokens:
                 self._drafter.push(token)
