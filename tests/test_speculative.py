@@ -4,8 +4,11 @@ penalties) and must leave the KV cache holding exactly the reply's tokens."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,15 +101,23 @@ OPEN = [
 GREEDY = Sampling(temperature=0.0, max_tokens=80)
 
 
+@contextlib.contextmanager
+def drafting_engine(path: Path, **options: Any) -> Iterator[LocalEngine]:
+    """An engine whose drafting is forced cheap, so it drafts on any machine: these tests are
+    about the text, not the speed."""
+    loaded = LocalEngine(EngineOptions(model_path=path, **options), read_model_file(path))
+    loaded._policy = DraftPolicy(cost=0.05)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+
+
 @pytest.fixture(scope="module")
 def engine(smollm2_path):
-    # One thread: spinning llama.cpp threads on a busy CPU are very slow. Drafting is forced
-    # cheap, so it happens on any machine: these tests are about the text, not the speed.
-    loaded = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=2048, threads=1),
-                         read_model_file(smollm2_path))
-    loaded._policy = DraftPolicy(cost=0.05)
-    yield loaded
-    loaded.close()
+    # One thread: spinning llama.cpp threads on a busy CPU are very slow.
+    with drafting_engine(smollm2_path, n_ctx=2048, threads=1) as loaded:
+        yield loaded
 
 
 def reply(engine: LocalEngine, content: str | list[dict[str, str]], sampling: Sampling,
@@ -223,17 +234,12 @@ def test_a_chat_after_rejected_drafts_reuses_exactly_the_cache_of_the_accepted_t
 
 @pytest.mark.slow
 def test_the_context_window_ends_a_drafted_reply_where_it_ends_a_plain_one(smollm2_path):
-    small = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=160, threads=1),
-                        read_model_file(smollm2_path))
-    small._policy = DraftPolicy(cost=0.05)
-    try:
+    with drafting_engine(smollm2_path, n_ctx=160, threads=1) as small:
         content = CODE[:300] + "\nRepeat the code above exactly, twice."
         text, stats = same_with_and_without_drafts(
             small, content, Sampling(temperature=0.0, ignore_eos=True))
         assert stats.finish_reason == "context"
         assert small._llama.n_tokens == small.n_ctx - 1
-    finally:
-        small.close()
 
 
 @pytest.mark.slow
@@ -298,10 +304,7 @@ def grounded_file_prompt() -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_auto_drafts_a_long_file_on_one_thread_and_keeps_the_text(smollm2_path, threads):
-    loaded = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=2560, threads=threads),
-                         read_model_file(smollm2_path))
-    loaded._policy = DraftPolicy(cost=0.05)
-    try:
+    with drafting_engine(smollm2_path, n_ctx=2560, threads=threads) as loaded:
         sampling = Sampling(temperature=0.0, max_tokens=96)
         plain, plain_stats = reply(loaded, grounded_file_prompt(), sampling, "off")
         assert plain_stats.prompt_tokens > 1024
@@ -316,8 +319,6 @@ def test_auto_drafts_a_long_file_on_one_thread_and_keeps_the_text(smollm2_path, 
             assert stats.draft_tokens == 0
             _, forced = reply(loaded, grounded_file_prompt(), sampling, "ngram")
             assert forced.draft_tokens > 0
-    finally:
-        loaded.close()
 
 
 def measuring(engine: LocalEngine) -> speculative.BatchCheck:
@@ -349,10 +350,7 @@ def test_auto_measures_each_batch_shape_then_keeps_drafts_where_they_match(engin
 def test_a_batch_that_rounds_otherwise_stops_auto_before_it_keeps_a_draft(smollm2_path):
     # Two threads and an f16 cache over 1,900 tokens: llama.cpp splits one token's attention
     # across the threads, never a batch's, so the logits differ in their last bits.
-    loaded = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=2560, threads=2),
-                         read_model_file(smollm2_path))
-    loaded._policy = DraftPolicy(cost=0.05)
-    try:
+    with drafting_engine(smollm2_path, n_ctx=2560, threads=2) as loaded:
         check = measuring(loaded)
         sampling = Sampling(temperature=0.0, max_tokens=64)
         plain, _ = reply(loaded, grounded_file_prompt(), sampling, "off")
@@ -364,16 +362,11 @@ def test_a_batch_that_rounds_otherwise_stops_auto_before_it_keeps_a_draft(smollm
         assert loaded.info.inexact_drafts == check.failed  # /show and --verbose say it
         _, again = reply(loaded, grounded_file_prompt(), sampling, "auto")
         assert again.draft_tokens == 0
-    finally:
-        loaded.close()
 
 
 @pytest.mark.slow
 def test_auto_with_two_threads_and_a_quantized_cache_measures_and_keeps_the_text(smollm2_path):
-    loaded = LocalEngine(EngineOptions(model_path=smollm2_path, n_ctx=2560, threads=2,
-                                       cache_type="q8_0"), read_model_file(smollm2_path))
-    loaded._policy = DraftPolicy(cost=0.05)
-    try:
+    with drafting_engine(smollm2_path, n_ctx=2560, threads=2, cache_type="q8_0") as loaded:
         assert loaded.info.inexact_drafts is None
         sampling = Sampling(temperature=0.0, max_tokens=64)
         plain, _ = reply(loaded, grounded_file_prompt(), sampling, "off")
@@ -384,8 +377,6 @@ def test_auto_with_two_threads_and_a_quantized_cache_measures_and_keeps_the_text
         # decided before any draft was kept, and the text is the same.
         assert (check.matched and stats.draft_accepted > 0) or \
             (check.failed and stats.draft_accepted == 0)
-    finally:
-        loaded.close()
 
 
 @pytest.mark.slow
