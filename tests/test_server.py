@@ -286,6 +286,7 @@ def test_listening_beyond_loopback_without_a_key_warns(smollm2_path, tmp_path):
     try:
         warning = serve.wait_for("warning:", timeout=60)
         assert "0.0.0.0 without --api-key" in warning
+        serve.wait_for("serving ", timeout=60)  # Ctrl-C once it serves, not mid-load
     finally:
         code = serve.stop()
     assert code == 130 and not any("Traceback" in line for line in serve.log)
