@@ -167,8 +167,9 @@ SETTINGS: tuple[Setting, ...] = (
             slash=True, openai="think_budget", shown_default="no limit", metavar="N"),
     Setting("draft", "str", "sampling", "auto",
             "Speculative drafts from the context (prompt lookup; adapts, and pauses where it "
-            "does not pay): auto drafts where they keep the text exactly that of off (one CPU "
-            "thread, flash attention on); ngram drafts anyway; off.",
+            "does not pay): auto keeps drafts only in batch shapes it measured to match "
+            "tokens evaluated alone, so the text is exactly that of off; ngram drafts anyway; "
+            "off.",
             flag="--draft", commands=_LOAD, choices=DRAFT_MODES, catalog=True, slash=True,
             metavar="MODE"),
     # ---- load: how the model is opened ----------------------------------------------------------
