@@ -396,7 +396,6 @@ def test_verbose_says_when_auto_does_not_draft_and_when_ngram_may_change_the_tex
     assert "drafts off" not in one.stderr and "may differ" not in one.stderr
 
 
-
 @pytest.mark.slow
 def test_verbose_says_when_a_measurement_stopped_auto(smollm2_path, monkeypatch):
     from cli_runner import run_cli

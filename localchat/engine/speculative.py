@@ -228,9 +228,7 @@ class Stepper:
         self._seq_rm = llama_cpp.llama_memory_seq_rm
         self._capacity = llama._batch._n_tokens
         self._drafter = NgramDrafter(history) if history is not None else None
-        self._check = check
-        if check is not None and check.failed:
-            self._drafter = None
+        self._check = check  # once it failed, the engine passes no history: no drafter
         self._policy = policy or DraftPolicy()
         self.counters = DraftCounters()
         self._index = -1  # the batch index whose logits the next sample reads
